@@ -1,0 +1,67 @@
+"""prefork: preforking process pools, as easy as concurrent.futures.
+
+Public API only; everything else is private by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefork._hooks import hookimpl
+from prefork._task import Task, WorkerInfo
+from prefork.errors import (
+    ConfigError,
+    MethodNotFound,
+    PluginError,
+    PoolBroken,
+    PreforkError,
+    RemoteTaskError,
+    TaskTimeout,
+    WorkerLost,
+)
+from prefork.strategies import (
+    Decision,
+    MethodResolver,
+    Outcome,
+    PoolStats,
+    ResultSink,
+    ScalingPolicy,
+    Serializer,
+    StrategyRegistry,
+    Transport,
+)
+
+__all__ = [
+    "ConfigError",
+    "Decision",
+    "MethodNotFound",
+    "MethodResolver",
+    "Outcome",
+    "PluginError",
+    "PoolBroken",
+    "PoolStats",
+    "PreforkError",
+    "RemoteTaskError",
+    "ResultSink",
+    "ScalingPolicy",
+    "Serializer",
+    "StrategyRegistry",
+    "Task",
+    "TaskTimeout",
+    "Transport",
+    "WorkerInfo",
+    "WorkerLost",
+    "__version__",
+    "hookimpl",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("prefork")
+        except PackageNotFoundError:
+            return "0+unknown"
+    raise AttributeError(f"module 'prefork' has no attribute {name!r}")

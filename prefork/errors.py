@@ -1,0 +1,146 @@
+"""The exceptions prefork raises, as one small tree.
+
+``PreforkError`` is the root.  Errors about a task's outcome also subclass the
+standard exception a ``concurrent.futures`` user already catches:
+``WorkerLost`` and ``PoolBroken`` are ``BrokenProcessPool``, ``TaskTimeout`` is
+``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import signal
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = [
+    "ConfigError",
+    "MethodNotFound",
+    "OptionError",
+    "PluginError",
+    "PoolBroken",
+    "PreforkError",
+    "RemoteTaskError",
+    "TaskTimeout",
+    "WorkerLost",
+    "describe_status",
+]
+
+
+class PreforkError(Exception):
+    """Root of every error prefork raises itself."""
+
+
+class ConfigError(PreforkError, ValueError):
+    """A configuration value is wrong; the message names file, key, value and reason."""
+
+
+class OptionError(ValueError):
+    """Raised by a strategy's validators: which option, what value, why.
+
+    The config loader turns it into a :class:`ConfigError` that also names the
+    file and the section.
+    """
+
+    def __init__(self, key: str, value: object, reason: str) -> None:
+        super().__init__(f"{key} = {value!r}: {reason}")
+        self.key = key
+        self.value = value
+        self.reason = reason
+
+
+class PluginError(PreforkError):
+    """A plugin could not be loaded, or registered something invalid."""
+
+
+class MethodNotFound(PreforkError, LookupError):
+    """No resolver knows the method a request names."""
+
+
+class RemoteTaskError(PreforkError):
+    """A task raised an exception that could not be rebuilt in the caller.
+
+    ``type_name`` is the remote exception's qualified class name and
+    ``remote_traceback`` the traceback text as the worker formatted it.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type[RemoteTaskError], tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+def describe_status(status: int | None) -> str:
+    """Word a ``waitpid`` status: ``exit code 3``, ``signal SIGKILL``."""
+    if status is None:
+        return "unknown exit status"
+    if os_waitstatus_is_signal(status):
+        signum = status & 0x7F
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exit code {(status >> 8) & 0xFF}"
+
+
+def os_waitstatus_is_signal(status: int) -> bool:
+    return (status & 0x7F) not in (0, 0x7F)
+
+
+_HINTS = {
+    "SIGKILL": "killed, possibly out of memory (or by a timeout or another process)",
+    "SIGSEGV": "the worker crashed in native code (segmentation fault)",
+    "SIGABRT": "the worker aborted (an assertion in native code, or abort())",
+    "SIGBUS": "the worker crashed in native code (bus error)",
+}
+
+
+class WorkerLost(PreforkError, BrokenProcessPool):
+    """The worker that held this task died before returning its result."""
+
+    def __init__(self, pid: int, status: int | None, started: bool, detail: str = "") -> None:
+        self.pid = pid
+        self.status = status
+        self.started = started
+        how = describe_status(status)
+        self.exitcode: int | None = None
+        self.signal_name: str | None = None
+        if status is not None:
+            if os_waitstatus_is_signal(status):
+                self.signal_name = how.removeprefix("killed by ")
+            else:
+                self.exitcode = (status >> 8) & 0xFF
+        self.hint = _HINTS.get(self.signal_name or "", "")
+        where = "while running the task" if started else "before the task started"
+        text = f"worker {pid} died {where} ({how})"
+        if self.hint:
+            text += f": {self.hint}"
+        if detail:
+            text += f"; {detail}"
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[type[WorkerLost], tuple[int, int | None, bool]]:
+        return (type(self), (self.pid, self.status, self.started))
+
+
+class PoolBroken(PreforkError, BrokenProcessPool):
+    """The pool cannot run tasks any more (workers fail to boot, again and again)."""
+
+
+class TaskTimeout(PreforkError, TimeoutError):
+    """The task ran past its timeout; its worker was killed and replaced."""
+
+    def __init__(self, timeout: float, pid: int, stack: str = "") -> None:
+        text = f"task timed out after {timeout:g} s; worker {pid} was killed and replaced"
+        if stack:
+            text += "\nstack of the stuck worker:\n" + stack
+        super().__init__(text)
+        self.timeout = timeout
+        self.pid = pid
+        self.stack = stack
+
+    def __reduce__(self) -> tuple[type[TaskTimeout], tuple[float, int, str]]:
+        return (type(self), (self.timeout, self.pid, self.stack))

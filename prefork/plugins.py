@@ -1,0 +1,94 @@
+"""Assembling the plugin manager, always in the same order.
+
+1. the hookspecs;
+2. names blocked by ``PREFORK_DISABLE_PLUGINS`` (comma separated);
+3. the built-in strategy modules (they use the same hook as anyone);
+4. installed plugins from the ``prefork`` entry-point group, unless
+   ``PREFORK_DISABLE_PLUGIN_AUTOLOAD`` is set;
+5. the modules the config lists in ``plugins = [...]``;
+6. ``check_pending()``: an implementation of an unknown hook is an error.
+
+pluggy calls the last registered implementation first, so user plugins run
+before built-ins.  A strategy name registered twice is an error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import Final
+
+import pluggy
+
+from prefork import hookspecs
+from prefork._hooks import NAME
+from prefork.errors import PluginError
+from prefork.strategies.registry import StrategyRegistry
+
+BUILTIN_PLUGINS: Final = (
+    "prefork.strategies.scaling",
+    "prefork.strategies.transport",
+    "prefork.strategies.serializer",
+    "prefork.strategies.resolver",
+    "prefork.strategies.sink",
+)
+
+
+def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | None = None) -> pluggy.PluginManager:
+    """A plugin manager with built-ins, entry points and ``plugins`` registered in order.
+
+    ``plugins`` holds module names (imported here) or plugin objects.
+    """
+    pm = pluggy.PluginManager(NAME)
+    pm.add_hookspecs(hookspecs)
+    for blocked in filter(None, (n.strip() for n in os.environ.get("PREFORK_DISABLE_PLUGINS", "").split(","))):
+        pm.set_blocked(blocked)
+    for modname in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(modname), name=modname)
+    if autoload is None:
+        autoload = not os.environ.get("PREFORK_DISABLE_PLUGIN_AUTOLOAD")
+    if autoload:
+        try:
+            pm.load_setuptools_entrypoints(NAME)
+        except Exception as exc:
+            raise PluginError(f"loading the installed prefork plugins failed: {exc!r}") from exc
+    for plugin in plugins:
+        if isinstance(plugin, str):
+            if pm.get_plugin(plugin) is not None or pm.is_blocked(plugin):
+                continue
+            try:
+                module = importlib.import_module(plugin)
+            except Exception as exc:
+                raise PluginError(f"plugins = [...]: cannot import plugin module {plugin!r}: {exc}") from exc
+            _register(pm, module, plugin)
+        else:
+            _register(pm, plugin, None)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+    return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except (pluggy.PluginValidationError, ValueError) as exc:
+        raise PluginError(f"plugin {name or plugin!r} cannot be registered: {exc}") from exc
+
+
+def build_registry(pm: pluggy.PluginManager) -> StrategyRegistry:
+    """Ask every plugin, in registration order, to register its strategies."""
+    registry = StrategyRegistry()
+    impls = pm.hook.prefork_register_strategies.get_hookimpls()  # first registered first
+    for impl in impls:
+        registry._set_plugin(impl.plugin_name)
+        kwargs = {"registry": registry} if "registry" in impl.argnames else {}
+        try:
+            impl.function(**kwargs)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in prefork_register_strategies: {exc!r}") from exc
+    return registry

@@ -1,0 +1,128 @@
+"""Method resolvers: how a request's method name becomes a callable, in the worker.
+
+A resolver has ``resolve(name) -> callable | None``; ``None`` means "not mine",
+so resolvers chain.  A request may also carry the callable itself, which skips
+resolution.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import attrs
+
+from prefork._hooks import hookimpl
+from prefork.errors import OptionError
+
+
+@runtime_checkable
+class MethodResolver(Protocol):
+    name: ClassVar[str]
+
+    def resolve(self, method: str) -> Callable[..., Any] | None: ...
+
+
+def import_object(spec: str) -> Any:
+    """``"package.module:attr.sub"`` (or ``"package.module.attr"``) to the object it names."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep:
+        module_name, _, attr_path = spec.rpartition(".")
+        if not module_name:
+            raise ImportError(f"{spec!r} is not of the form 'module:attribute'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_methods(instance: Any, attribute: Any, value: Mapping[str, Any]) -> None:
+    for key, target in value.items():
+        if not (callable(target) or isinstance(target, str)):
+            raise OptionError(f"methods.{key}", target, "must be a callable or a 'module:callable' string")
+
+
+@attrs.frozen
+class MethodsResolver:
+    """A name → callable map; values may also be ``"module:callable"`` strings."""
+
+    name: ClassVar[str] = "methods"
+    methods: Mapping[str, Any] = attrs.field(
+        factory=dict, validator=_check_methods, metadata={"doc": "map of method name to callable or 'module:callable'"}
+    )
+
+    def resolve(self, method: str) -> Callable[..., Any] | None:
+        target = self.methods.get(method)
+        if isinstance(target, str):
+            target = import_object(target)
+        return target
+
+
+def _check_classes(instance: Any, attribute: Any, value: Sequence[Any]) -> None:
+    if isinstance(value, str):
+        raise OptionError("classes", value, "must be a list of classes, modules or 'module:Class' strings")
+
+
+@attrs.frozen
+class ClassesResolver:
+    """Look the name up as an attribute of each class or module in turn."""
+
+    name: ClassVar[str] = "classes"
+    classes: Sequence[Any] = attrs.field(
+        factory=tuple, converter=tuple, validator=_check_classes,
+        metadata={"doc": "classes or modules (objects, or 'module' / 'module:Class' strings) searched in order"},
+    )
+
+    def resolve(self, method: str) -> Callable[..., Any] | None:
+        if method.startswith("_"):
+            return None  # never expose private or special attributes by name
+        for holder in self.classes:
+            if isinstance(holder, str):
+                holder = import_object(holder) if ":" in holder else importlib.import_module(holder)
+            target = getattr(holder, method, None)
+            if callable(target):
+                return target
+        return None
+
+
+@attrs.frozen
+class ImportResolver:
+    """``"package.module:attr"`` imports and returns that attribute."""
+
+    name: ClassVar[str] = "import"
+
+    def resolve(self, method: str) -> Callable[..., Any] | None:
+        if ":" not in method:
+            return None
+        target = import_object(method)
+        return target if callable(target) else None
+
+
+@attrs.frozen
+class ChainResolver:
+    """The methods map, then the classes in order, then ``module:attr`` imports,
+    then any ``extra`` resolvers (objects given in code)."""
+
+    name: ClassVar[str] = "chain"
+    methods: Mapping[str, Any] = attrs.field(factory=dict, validator=_check_methods, metadata={"doc": "as for the 'methods' resolver"})
+    classes: Sequence[Any] = attrs.field(factory=tuple, converter=tuple, validator=_check_classes, metadata={"doc": "as for the 'classes' resolver"})
+    imports: bool = attrs.field(default=True, metadata={"doc": "resolve 'module:attr' names by importing them"})
+    extra: Sequence[MethodResolver] = attrs.field(factory=tuple, converter=tuple, metadata={"doc": "more resolver objects, tried last (code only)"})
+
+    def resolve(self, method: str) -> Callable[..., Any] | None:
+        links: list[MethodResolver] = [MethodsResolver(self.methods), ClassesResolver(self.classes)]
+        if self.imports:
+            links.append(ImportResolver())
+        links.extend(self.extra)
+        for link in links:
+            target = link.resolve(method)
+            if target is not None:
+                return target
+        return None
+
+
+@hookimpl
+def prefork_register_strategies(registry: Any) -> None:
+    for cls in (MethodsResolver, ClassesResolver, ImportResolver, ChainResolver):
+        registry.register("resolver", cls)

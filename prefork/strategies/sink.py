@@ -1,0 +1,145 @@
+"""Result sinks: where each finished task's one outcome goes, in the supervisor.
+
+``attach(task)`` runs at submit and returns what the caller gets back (a future,
+the task id...); ``claim(task)`` runs just before dispatch and may say the task
+was cancelled; ``deliver(task, ok, value)`` runs exactly once per task.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import attrs
+
+from prefork._hooks import hookimpl
+from prefork._task import Task
+
+log = logging.getLogger("prefork")
+
+
+@runtime_checkable
+class ResultSink(Protocol):
+    name: ClassVar[str]
+
+    def attach(self, task: Task) -> Any: ...
+
+    def claim(self, task: Task) -> bool: ...
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Outcome(NamedTuple):
+    """What the queue sink hands out: the task, whether it succeeded, its value or exception."""
+
+    task: Task
+    ok: bool
+    value: Any
+
+
+@attrs.define
+class FutureSink:
+    """Each task gets a :class:`concurrent.futures.Future`."""
+
+    name: ClassVar[str] = "future"
+
+    def attach(self, task: Task) -> Future[Any]:
+        fut: Future[Any] = Future()
+        task.handle = fut
+        return fut
+
+    def claim(self, task: Task) -> bool:
+        return task.handle.set_running_or_notify_cancel()  # type: ignore[no-any-return]
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        fut: Future[Any] = task.handle
+        try:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        except InvalidStateError:
+            pass  # cancelled while queued and already answered as cancelled
+
+    def close(self) -> None:
+        pass
+
+
+@attrs.define
+class QueueSink:
+    """Outcomes wait in a FIFO queue for ``get()`` (blocking, with timeout, or not)."""
+
+    name: ClassVar[str] = "queue"
+    _queue: queue.SimpleQueue[Outcome] = attrs.field(init=False, factory=queue.SimpleQueue)
+
+    def attach(self, task: Task) -> int:
+        return task.id
+
+    def claim(self, task: Task) -> bool:
+        return True
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        self._queue.put(Outcome(task, ok, value))
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Outcome | None:
+        """The next outcome; ``None`` when not blocking (or past ``timeout``) and none is ready."""
+        try:
+            return self._queue.get(block, timeout)
+        except queue.Empty:
+            return None
+
+    def get_nowait(self) -> Outcome | None:
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        pass
+
+
+@attrs.define
+class CallbackSink:
+    """Call ``callback(task, ok, value)`` in the supervisor; a task's own
+    ``callback`` wins over the sink's.  A callback that raises is logged with its
+    traceback and does not stop the pool."""
+
+    name: ClassVar[str] = "callback"
+    callback: Callable[[Task, bool, Any], Any] | None = attrs.field(
+        default=None, metadata={"doc": "callable(task, ok, value), or a 'module:callable' string"}
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.callback, str):
+            from prefork.strategies.resolver import import_object
+
+            self.callback = import_object(self.callback)
+
+    def attach(self, task: Task) -> int:
+        return task.id
+
+    def claim(self, task: Task) -> bool:
+        return True
+
+    def deliver(self, task: Task, ok: bool, value: Any) -> None:
+        cb = task.callback or self.callback
+        if cb is None:
+            return
+        try:
+            cb(task, ok, value)
+        except Exception:
+            log.exception("result callback %r failed for %r", cb, task)
+
+    def close(self) -> None:
+        pass
+
+
+@hookimpl
+def prefork_register_strategies(registry: Any) -> None:
+    for cls in (FutureSink, QueueSink, CallbackSink):
+        registry.register("sink", cls)
