@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import attrs
@@ -58,6 +58,9 @@ class FutureSink:
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         fut: Future[Any] = task.handle
+        if not ok and isinstance(value, CancelledError):
+            fut.cancel()
+            return
         try:
             if ok:
                 fut.set_result(value)

@@ -1,0 +1,128 @@
+"""Running one task: decode, resolve, hooks, call, encode.  Used by every worker
+and by the synchronous fallback (a pool with no workers runs tasks in place)."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from prefork import _frames
+from prefork._task import WorkerInfo
+from prefork.errors import MethodNotFound, RemoteTaskError
+from prefork.strategies.resolver import MethodResolver
+from prefork.strategies.serializer import Serializer
+
+
+class _RemoteTraceback(Exception):
+    """Chained as ``__cause__`` of a task's exception: the worker's traceback text."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def encode_error(serializer: Serializer, exc: BaseException, tb_text: str) -> bytes:
+    """The bytes of an error outcome; always decodable by :func:`decode_error`."""
+    if serializer.objects:
+        try:
+            data = serializer.dumps((exc, tb_text))
+            serializer.loads(data)  # an exception that cannot be rebuilt must not reach the caller
+            return data
+        except Exception:
+            remote = RemoteTaskError(_qualname(type(exc)), _safe_str(exc), tb_text)
+            return serializer.dumps((remote, tb_text))
+    return serializer.dumps([_qualname(type(exc)), _safe_str(exc), tb_text])
+
+
+def decode_error(serializer: Serializer, data: bytes) -> BaseException:
+    try:
+        obj = serializer.loads(data)
+    except Exception as exc:
+        return RemoteTaskError(type(exc).__name__, f"the task's error could not be decoded: {exc}", "")
+    if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], BaseException):
+        exc, tb_text = obj
+        if tb_text:
+            exc.__cause__ = _RemoteTraceback(tb_text)
+        return exc
+    if isinstance(obj, (tuple, list)) and len(obj) == 3:
+        type_name, message, tb_text = (str(x) for x in obj)
+        err = RemoteTaskError(type_name, message, tb_text)
+        if tb_text:
+            err.__cause__ = _RemoteTraceback(tb_text)
+        return err
+    return RemoteTaskError("UnknownError", repr(obj), "")
+
+
+def _qualname(cls: type) -> str:
+    mod = cls.__module__
+    return cls.__qualname__ if mod in ("builtins", "__main__") else f"{mod}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _format_tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class Caller:
+    """Turns a CALLS payload into a RESULTS record.  One per worker."""
+
+    def __init__(self, serializer: Serializer, resolver: MethodResolver, hook: Any, info: WorkerInfo) -> None:
+        self.serializer = serializer
+        self.resolver = resolver
+        self.info = info
+        self._cache: dict[str, Callable[..., Any]] = {}
+        self._before = hook.prefork_before_call if hook.prefork_before_call.get_hookimpls() else None
+        self._after = hook.prefork_after_call if hook.prefork_after_call.get_hookimpls() else None
+
+    def resolve(self, method: Any) -> Callable[..., Any]:
+        if callable(method):
+            return method  # type: ignore[no-any-return]
+        if not isinstance(method, str):
+            raise MethodNotFound(f"a task's method must be a callable or a name, not {type(method).__name__}")
+        fn = self._cache.get(method)
+        if fn is None:
+            fn = self.resolver.resolve(method)
+            if fn is None:
+                raise MethodNotFound(f"no method named {method!r} (resolver {self.resolver.name!r})")
+            self._cache[method] = fn
+        return fn
+
+    def call(self, tid: int, payload: bytes) -> bytes:
+        """Run one task and return its encoded result record."""
+        ser = self.serializer
+        t0 = time.monotonic()
+        try:
+            method, args, kwargs = ser.loads(payload)
+            fn = self.resolve(method)
+            if self._before is not None:
+                self._before(worker=self.info, task_id=tid, method=method, args=args, kwargs=kwargs)
+            t0 = time.monotonic()
+            value = fn(*args, **kwargs) if kwargs else fn(*args)
+            t1 = time.monotonic()
+            if self._after is not None:
+                self._after(worker=self.info, task_id=tid, method=method, ok=True, result=value)
+        except BaseException as exc:  # SystemExit in a task fails the task, not the worker
+            t1 = time.monotonic()
+            if self._after is not None:
+                try:
+                    self._after(worker=self.info, task_id=tid, method=locals().get("method"), ok=False, result=exc)
+                except Exception:
+                    pass
+            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))
+        try:
+            out = ser.dumps(value)
+        except Exception as exc:
+            err = TypeError(f"the task's result ({type(value).__name__}) could not be serialized with {ser.name!r}: {exc}")
+            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, err, _format_tb(exc)))
+        return _frames.encode_result(tid, _frames.OK, t0, t1, out)

@@ -1,0 +1,67 @@
+"""The scoreboard: one shared memory page of slots, as Apache keeps one.
+
+Made before any fork, so the supervisor, the fork server and every worker see
+the same memory.  A worker writes its state and the id of the task it starts
+before calling user code; that costs no system call, and tells the supervisor,
+after a crash, whether the task had started.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from typing import Final
+
+FREE: Final = 0
+BOOTING: Final = 1
+IDLE: Final = 2
+BUSY: Final = 3
+EXITING: Final = 4
+
+STATE_NAMES: Final = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
+
+# fields of a slot, in int64 words
+PID: Final = 0
+STATE: Final = 1
+TASK: Final = 2  #: id of the last task started (kept after it ends)
+STARTED: Final = 3  #: monotonic_ns when that task started
+DONE: Final = 4  #: tasks finished by this worker
+SINCE: Final = 5  #: monotonic_ns of the last state change
+WORDS: Final = 8
+
+
+class Scoreboard:
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, max(mmap.PAGESIZE, slots * WORDS * 8), flags=mmap.MAP_SHARED)
+        self.words = memoryview(self._map).cast("q")
+
+    def reset(self, slot: int, pid: int = 0) -> None:
+        base = slot * WORDS
+        w = self.words
+        w[base + PID] = pid
+        w[base + STATE] = BOOTING if pid else FREE
+        w[base + TASK] = 0
+        w[base + STARTED] = 0
+        w[base + DONE] = 0
+        w[base + SINCE] = time.monotonic_ns()
+
+    def set_state(self, slot: int, state: int) -> None:
+        base = slot * WORDS
+        self.words[base + STATE] = state
+        self.words[base + SINCE] = time.monotonic_ns()
+
+    def state(self, slot: int) -> int:
+        return self.words[slot * WORDS + STATE]
+
+    def since(self, slot: int) -> float:
+        return self.words[slot * WORDS + SINCE] / 1e9
+
+    def task(self, slot: int) -> tuple[int, float]:
+        """(id of the last task started, its start in monotonic seconds)."""
+        base = slot * WORDS
+        return self.words[base + TASK], self.words[base + STARTED] / 1e9
+
+    def close(self) -> None:
+        self.words.release()
+        self._map.close()

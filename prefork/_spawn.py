@@ -1,0 +1,286 @@
+"""Where workers are forked: a fork server (the default) or the supervisor itself.
+
+ForkServer
+    At pool start the caller forks one small process, the fork server, before
+    the supervisor starts its thread.  It holds a copy of the pool's context
+    (initializer, resolver, hooks: nothing is pickled), forks every worker,
+    hands the supervisor its end of the worker's socket over SCM_RIGHTS, and
+    reports each exit status.  Workers never inherit the caller's threads or
+    whatever locks those threads held after the pool started.
+Direct
+    The supervisor's process forks.  Needed when the child must continue the
+    caller's own code (MPM's ``kid_new``); forking from a process with threads
+    is then the caller's responsibility.
+
+Both watch each child through a pidfd, so no exit is lost and no SIGCHLD
+handler is needed.  Events come back as tuples:
+``("spawned", slot, serial, pid, sock)``, ``("failed", slot, serial, text)``,
+``("exited", pid, status)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import signal
+import socket
+import traceback
+from typing import Any, NoReturn
+
+from prefork._proctitle import set_title
+from prefork._task import WorkerInfo
+from prefork._worker import WorkerContext, close_fds, reset_signals, run_worker
+
+Event = tuple[Any, ...]
+
+
+def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket.socket]:
+    """Fork one worker; returns its pid and the supervisor's end of its socket."""
+    parent_sock, child_sock = ctx.transport.socketpair()
+    info = WorkerInfo(slot=slot, name=ctx.name, serial=serial)
+    ctx.hook.prefork_before_fork(worker=info)
+    ctx.scoreboard.reset(slot, pid=-1)
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        parent_sock.close()
+        run_worker(ctx, info, child_sock, me)
+    child_sock.close()
+    info.pid = pid
+    ctx.scoreboard.words[slot * 8] = pid
+    ctx.hook.prefork_after_fork(worker=info)
+    return pid, parent_sock
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class DirectSpawner:
+    """Forks in the supervisor's own process."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self._pidfds: dict[int, int] = {}  # pidfd -> pid
+        self._ready: list[Event] = []
+
+    def start(self) -> None:
+        pass
+
+    def fds(self) -> list[int]:
+        return list(self._pidfds)
+
+    def spawn(self, slot: int, serial: int) -> None:
+        try:
+            pid, sock = fork_worker(self.ctx, slot, serial)
+        except OSError as exc:
+            self._ready.append(("failed", slot, serial, f"fork failed: {exc}"))
+            return
+        fd = os.pidfd_open(pid)
+        self._pidfds[fd] = pid
+        self.ctx.internal_fds.add(fd)
+        self._ready.append(("spawned", slot, serial, pid, sock))
+
+    def take_ready(self) -> list[Event]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def on_readable(self, fd: int) -> list[Event]:
+        pid = self._pidfds.pop(fd)
+        self.ctx.internal_fds.discard(fd)
+        os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        return [("exited", pid, status)]
+
+    def signal(self, pid: int, sig: int) -> None:
+        if pid in self._pidfds.values():
+            _signal_group(pid, sig)
+
+    def alive(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        for fd, pid in list(self._pidfds.items()):
+            _signal_group(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(fd)
+            self.ctx.internal_fds.discard(fd)
+        self._pidfds.clear()
+
+
+class ForkServer:
+    """A single-threaded process that forks the workers (see the module docstring)."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.pid = 0
+        self._sock: socket.socket | None = None
+        self._pidfd = -1
+        self._dead = False
+        self._ready: list[Event] = []
+
+    def start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            _serve(self.ctx, child)
+        child.close()
+        parent.setblocking(False)
+        self.pid = pid
+        self._sock = parent
+        self._pidfd = os.pidfd_open(pid)
+        self.ctx.internal_fds.update((parent.fileno(), self._pidfd))
+
+    def fds(self) -> list[int]:
+        return [self._sock.fileno()] if self._sock is not None and not self._dead else []
+
+    def _send(self, msg: tuple[Any, ...]) -> None:
+        if self._sock is None or self._dead:
+            return
+        try:
+            self._sock.send(pickle.dumps(msg))
+        except OSError:
+            self._dead = True
+
+    def spawn(self, slot: int, serial: int) -> None:
+        self._send(("spawn", slot, serial))
+        if self._dead:
+            self._ready.append(("failed", slot, serial, "the fork server is gone"))
+
+    def take_ready(self) -> list[Event]:
+        ready, self._ready = self._ready, []
+        return ready
+
+    def signal(self, pid: int, sig: int) -> None:
+        self._send(("signal", pid, sig))
+
+    def alive(self) -> bool:
+        return not self._dead
+
+    def on_readable(self, fd: int) -> list[Event]:
+        assert self._sock is not None
+        events: list[Event] = []
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, 1)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._dead = True
+                break
+            msg = pickle.loads(data)
+            if msg[0] == "spawned":
+                _, slot, serial, pid = msg
+                events.append(("spawned", slot, serial, pid, socket.socket(fileno=fds[0])))
+            else:
+                for extra in fds:
+                    os.close(extra)
+                events.append(msg)
+        return events
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            self._send(("stop",))
+            # the server kills what is left and exits; wait for it
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+            self.ctx.internal_fds.discard(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._pidfd >= 0:
+            self.ctx.internal_fds.discard(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+def _serve(ctx: WorkerContext, sock: socket.socket) -> NoReturn:
+    code = 0
+    try:
+        _serve_loop(ctx, sock)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
+    close_fds(ctx.internal_fds, sock.fileno())
+    ctx.internal_fds.clear()
+    ctx.internal_fds.add(sock.fileno())
+    reset_signals()
+    set_title(f"{ctx.name} forkserver")
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, None)
+    children: dict[int, int] = {}  # pid -> pidfd
+
+    def reap(pid: int) -> int:
+        fd = children.pop(pid)
+        sel.unregister(fd)
+        ctx.internal_fds.discard(fd)
+        os.close(fd)
+        return os.waitpid(pid, 0)[1]
+
+    def send(msg: tuple[Any, ...], fds: list[int] | None = None) -> None:
+        data = pickle.dumps(msg)
+        if fds:
+            socket.send_fds(sock, [data], fds)
+        else:
+            sock.send(data)
+
+    running = True
+    while running or children:
+        for key, _ in sel.select(None if running else 0.05):
+            if key.data is not None:  # a child's pidfd
+                pid = key.data
+                status = reap(pid)
+                try:
+                    send(("exited", pid, status))
+                except OSError:
+                    pass
+                continue
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                msg: tuple[Any, ...] = ("stop",)
+            else:
+                msg = pickle.loads(data)
+            if msg[0] == "spawn":
+                _, slot, serial = msg
+                try:
+                    pid, wsock = fork_worker(ctx, slot, serial)
+                except OSError as exc:
+                    send(("failed", slot, serial, f"fork failed: {exc}"))
+                    continue
+                fd = os.pidfd_open(pid)
+                children[pid] = fd
+                ctx.internal_fds.add(fd)
+                sel.register(fd, selectors.EVENT_READ, pid)
+                try:
+                    send(("spawned", slot, serial, pid), [wsock.fileno()])
+                finally:
+                    wsock.close()
+            elif msg[0] == "signal":
+                _, pid, sig = msg
+                if pid in children:
+                    _signal_group(pid, sig)
+            elif msg[0] == "stop" and running:
+                running = False
+                sel.unregister(sock)
+                for pid in list(children):
+                    _signal_group(pid, signal.SIGKILL)
+    sel.close()

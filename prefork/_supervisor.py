@@ -1,0 +1,863 @@
+"""The supervisor: one loop that owns the workers and the queue.
+
+Data flow::
+
+    caller threads                     supervisor loop (thread, or stepped)          workers
+    --------------                     ------------------------------------          -------
+    submit() --payload--> queue ----> dispatch: CALLS frame per ready worker ----> call loop
+        |                 (deque)      (batched when the queue is deep)               |
+        '-- sink.attach() -> handle                                                    v
+                                       read RESULTS frames <------------------- RESULTS frames
+                                       sink.deliver(task, ok, value)  (exactly once per task)
+                                       |
+    spawner (fork server or direct) -->| ("spawned", ...) / ("exited", pid, status) events
+    scoreboard (shared memory) ------->| which task a dead worker had started; idle/busy
+    scaling policy <-- PoolStats ------| decide(): spawn n / retire n / next tick
+
+The loop waits in one ``select`` on the wakeup pipe, the spawner's descriptors
+and every worker channel.  A worker is judged dead only when its channel has
+reached end of stream (so every result it wrote was read) and its exit status
+is known.  Then each task it held either is failed (it had started: WorkerLost)
+or goes back to the front of the queue (it never reached user code).
+"""
+
+from __future__ import annotations
+
+import atexit
+import heapq
+import itertools
+import logging
+import math
+import os
+import selectors
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import CancelledError
+from typing import Any, Final
+
+from prefork import _frames, _scoreboard
+from prefork._call import Caller, decode_error
+from prefork._spawn import DirectSpawner, ForkServer
+from prefork._task import Task, WorkerInfo
+from prefork._worker import EXIT_BOOT_FAILED, WorkerContext
+from prefork.errors import PoolBroken, PreforkError, TaskTimeout, WorkerLost, describe_status
+from prefork.strategies.scaling import Decision, PoolStats
+
+log = logging.getLogger("prefork")
+
+BOOTING: Final = 0
+READY: Final = 1
+RETIRING: Final = 2  #: told to leave, or leaving on its own; not counted as alive
+
+MAX_REDISPATCH: Final = 3  #: a task whose worker died before it started goes back this often
+AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep
+EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
+
+_live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for sup in list(_live):
+        try:
+            sup.shutdown(wait=True)
+        except Exception:
+            pass
+
+
+class PoolShutDown(PreforkError, RuntimeError):
+    """The pool was shut down; no new task is accepted."""
+
+
+class _Worker:
+    __slots__ = (
+        "boot_error",
+        "budget",
+        "channel",
+        "eof",
+        "idle_since",
+        "inflight",
+        "info",
+        "kill_at",
+        "pid",
+        "reason",
+        "serial",
+        "slot",
+        "spawned_at",
+        "state",
+        "status",
+        "stop_sent",
+    )
+
+    def __init__(self, slot: int, serial: int, now: float, budget: int) -> None:
+        self.slot = slot
+        self.serial = serial
+        self.pid = 0
+        self.channel: Any = None
+        self.state = BOOTING
+        self.inflight: deque[Task] = deque()
+        self.budget = budget  # tasks it may still receive (-1: no limit)
+        self.eof = False
+        self.status: int | None = None
+        self.boot_error = ""
+        self.spawned_at = now
+        self.idle_since = now
+        self.kill_at = math.inf  # SIGKILL escalation time
+        self.stop_sent = False
+        self.reason = ""  # why it is leaving, when we know
+        self.info: WorkerInfo | None = None
+
+
+class Supervisor:
+    """Owns a pool of workers built from a :class:`prefork.config.Config`.
+
+    ``sink`` defaults to ``config.create("sink")``; ``initializer`` overrides
+    the config's.  ``threaded=False`` leaves the loop to the caller (``step``).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        sink: Any = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] | None = None,
+        threaded: bool = True,
+    ) -> None:
+        self.config = config
+        pool = config.pool
+        self.pm = config.plugin_manager
+        self.hook = self.pm.hook
+        self.policy = config.create("scaling")
+        self.serializer = config.create("serializer")
+        self.resolver = config.create("resolver")
+        self.transport = config.create("transport")
+        self.sink = sink if sink is not None else config.create("sink")
+        if initializer is None and pool.initializer:
+            initializer = pool.initializer
+            if isinstance(initializer, str):
+                from prefork.strategies.resolver import import_object
+
+                initializer = import_object(initializer)
+        if initargs is None:
+            initargs = tuple(pool.initargs)
+        self.max_workers = self.policy.max_workers()
+        self.max_tasks = pool.max_tasks_per_child
+        self.default_timeout = pool.task_timeout or None
+        self.prefetch = pool.prefetch
+        self.kill_grace = pool.kill_grace
+        self.boot_timeout = pool.boot_timeout
+        self.max_boot_failures = pool.max_boot_failures
+        self.threaded = threaded
+
+        self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.max_workers + 2))
+        self.ctx = WorkerContext(
+            name=config.name,
+            serializer=self.serializer,
+            resolver=self.resolver,
+            transport=self.transport,
+            hook=self.hook,
+            scoreboard=self.scoreboard,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks=self.max_tasks,
+        )
+        self.queue: deque[Task] = deque()
+        self._tasks: dict[int, Task] = {}  # in flight, by id
+        self._workers: dict[int, _Worker] = {}  # by slot
+        self._by_pid: dict[int, _Worker] = {}
+        self._by_fd: dict[int, _Worker] = {}
+        self._free_slots = list(range(self.scoreboard.slots - 1, -1, -1))
+        self._ids = itertools.count(1)
+        self._serials = itertools.count(1)
+        self._deadlines: list[tuple[float, int]] = []
+        self._spawned_total = 0
+        self._last_spawn = -math.inf
+        self._spawn_rate = 1
+        self._next_tick = 0.0
+        self._boot_failures = 0
+        self._spawn_not_before = 0.0
+        self._broken: PoolBroken | None = None
+        self._closing = False
+        self._stopped = False
+        self._force = False
+        self._sleeping = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done_event = threading.Event()
+        self._inline: Caller | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.ctx.internal_fds.update((self._wake_r, self._wake_w, self._sel.fileno()))
+        if pool.fork_from == "direct":
+            self.spawner: ForkServer | DirectSpawner = DirectSpawner(self.ctx)
+        else:
+            self.spawner = ForkServer(self.ctx)
+        self._spawner_fds: set[int] = set()
+        self._started = False
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        if self.max_workers == 0:
+            self._inline = Caller(self.serializer, self.resolver, self.hook, WorkerInfo(slot=-1, name=self.config.name, serial=0, pid=os.getpid()))
+        else:
+            self.spawner.start()  # the fork server forks now, before our thread exists
+            self._sync_spawner_fds()
+        _live.add(self)
+        if self.threaded:
+            self._thread = threading.Thread(target=self._run, name=f"{self.config.name}-supervisor", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self.step()
+        except BaseException as exc:
+            log.critical("prefork supervisor loop failed", exc_info=True)
+            self._fail_everything(PoolBroken(f"the supervisor loop failed: {exc!r}"))
+            self._teardown()
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False, force: bool = False) -> None:
+        """Stop taking tasks; finish (or cancel) the queue; stop every worker.
+
+        ``force`` kills the workers at once and fails the tasks they held.
+        """
+        with self._lock:
+            if self._stopped and not wait:
+                return
+            self._closing = True
+            if force:
+                self._force = True
+            if cancel_futures or force:
+                self._cancel_queued()
+        if not self._started:
+            self._stopped = True
+            self._done_event.set()
+            self._teardown()
+            return
+        self._wake()
+        if wait:
+            if self._thread is not None:
+                if self._thread is not threading.current_thread():
+                    self._thread.join()
+            else:
+                while not self._stopped:
+                    self.step()
+
+    def _cancel_queued(self) -> None:
+        while self.queue:
+            task = self.queue.popleft()
+            if not task.done:
+                self._finish(task, False, CancelledError())
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the pool has stopped; True when it has."""
+        return self._done_event.wait(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    # -- submitting ---------------------------------------------------------------
+
+    def submit(
+        self,
+        method: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+        context: Any = None,
+        callback: Any = None,
+    ) -> Any:
+        """Queue one task; returns the sink's handle (a future, the task id...)."""
+        if self._closing:
+            raise PoolShutDown("cannot schedule new tasks after shutdown")
+        if self._broken is not None:
+            raise self._broken
+        kwargs = kwargs or {}
+        task = Task(next(self._ids), method, args, kwargs, timeout if timeout is not None else self.default_timeout, context, callback)
+        task.submitted_at = time.monotonic()
+        handle = self.sink.attach(task)
+        try:
+            task.payload = self.serializer.dumps((method, args, kwargs))
+        except Exception as exc:
+            err = TypeError(f"task {task.id}: its method or arguments cannot be serialized with {self.serializer.name!r}: {exc}")
+            err.__cause__ = exc
+            self._finish(task, False, err)
+            return handle
+        if not self._started:
+            self.start()
+        self.queue.append(task)
+        if self._sleeping:
+            self._wake()
+        return handle
+
+    def _wake(self) -> None:
+        self._sleeping = False
+        with self._lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:
+                    pass  # full: the loop is awake anyway
+
+    # -- the loop -----------------------------------------------------------------
+
+    def step(self, timeout: float | None = None) -> None:
+        """One pass: wait for events (at most ``timeout`` or until the next timer), handle them."""
+        now = time.monotonic()
+        wait = self._next_wait(now)
+        if timeout is not None:
+            wait = min(wait, timeout)
+        self._sleeping = True
+        if self.queue and self._has_room():
+            wait = 0.0
+        events = self._sel.select(max(0.0, wait))
+        self._sleeping = False
+        for key, mask in events:
+            key.data(key.fd, mask)
+        for event in self.spawner.take_ready():
+            self._on_spawner_event(event)
+        if self._inline is not None:
+            self._run_inline()
+        else:
+            self._dispatch()
+        now = time.monotonic()
+        self._timers(now)
+        for event in self.spawner.take_ready():  # a direct fork is done at once
+            self._on_spawner_event(event)
+        if self._closing:
+            self._progress_shutdown(now)
+
+    def _next_wait(self, now: float) -> float:
+        wait = self._next_tick - now
+        if self._deadlines:
+            wait = min(wait, self._deadlines[0][0] - now)
+        for w in self._workers.values():
+            if w.kill_at < math.inf:
+                wait = min(wait, w.kill_at - now)
+            if w.state == BOOTING:
+                wait = min(wait, w.spawned_at + self.boot_timeout - now)
+        if self._closing:
+            wait = min(wait, 0.05)
+        return max(0.0, min(wait, 1.0))
+
+    def _has_room(self) -> bool:
+        if self._inline is not None:
+            return True
+        return any(w.state == READY and not w.inflight and w.budget != 0 for w in self._workers.values())
+
+    def _on_wake(self, fd: int, mask: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _sync_spawner_fds(self) -> None:
+        fds = set(self.spawner.fds())
+        for fd in self._spawner_fds - fds:
+            self._sel.unregister(fd)
+        for fd in fds - self._spawner_fds:
+            self._sel.register(fd, selectors.EVENT_READ, self._on_spawner_readable)
+        self._spawner_fds = fds
+
+    def _on_spawner_readable(self, fd: int, mask: int) -> None:
+        for event in self.spawner.on_readable(fd):
+            self._on_spawner_event(event)
+        self._sync_spawner_fds()
+        if not self.spawner.alive() and not self._stopped:
+            self._fork_server_lost()
+
+    def _fork_server_lost(self) -> None:
+        if self._closing:
+            return
+        self._log(logging.ERROR, "the fork server died; starting a new one")
+        self._sync_spawner_fds()  # the dead server watches nothing any more
+        self.spawner.stop()
+        self.spawner = ForkServer(self.ctx)
+        self.spawner.start()
+        self._sync_spawner_fds()
+
+    # -- spawning -------------------------------------------------------------------
+
+    def _spawn(self, now: float) -> None:
+        if not self._free_slots:
+            return
+        slot = self._free_slots.pop()
+        serial = next(self._serials)
+        w = _Worker(slot, serial, now, self.max_tasks or -1)
+        w.info = WorkerInfo(slot=slot, name=self.config.name, serial=serial)
+        self._workers[slot] = w
+        self._spawned_total += 1
+        self._last_spawn = now
+        self.spawner.spawn(slot, serial)
+        self._sync_spawner_fds()
+
+    def _on_spawner_event(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "spawned":
+            _, slot, serial, pid, sock = event
+            w = self._workers.get(slot)
+            if w is None or w.serial != serial:
+                sock.close()  # we gave up on it; the exit will come
+                return
+            w.pid = pid
+            assert w.info is not None
+            w.info.pid = pid
+            self._by_pid[pid] = w
+            w.channel = self.transport.parent_channel(sock)
+            fd = w.channel.fileno()
+            self.ctx.internal_fds.add(fd)
+            self._by_fd[fd] = w
+            self._sel.register(fd, selectors.EVENT_READ, self._on_channel)
+            if self._force:
+                self.spawner.signal(pid, signal.SIGKILL)
+        elif kind == "failed":
+            _, slot, serial, text = event
+            w = self._workers.get(slot)
+            if w is not None and w.serial == serial:
+                self._release(w)
+                self._boot_failed(text)
+        elif kind == "exited":
+            _, pid, status = event
+            w = self._by_pid.get(pid)
+            if w is None:
+                return
+            w.status = status
+            if not w.eof and w.channel is not None:
+                self._read_channel(w)  # every result written before the exit
+            if w.eof or w.channel is None:
+                self._judge(w)
+
+    # -- worker channels ------------------------------------------------------------
+
+    def _on_channel(self, fd: int, mask: int) -> None:
+        w = self._by_fd.get(fd)
+        if w is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            w.channel.flush()
+            if not w.channel.wants_write():
+                self._sel.modify(fd, selectors.EVENT_READ, self._on_channel)
+        if mask & selectors.EVENT_READ:
+            self._read_channel(w)
+            if w.eof and w.status is not None:
+                self._judge(w)
+
+    def _read_channel(self, w: _Worker) -> None:
+        try:
+            frames = w.channel.read()
+        except EOFError:
+            self._on_eof(w)
+            return
+        for frame in frames:
+            kind = frame[0]
+            if kind == _frames.RESULTS:
+                self._on_results(w, frame)
+            elif kind == _frames.READY:
+                w.state = READY
+                w.idle_since = time.monotonic()
+                self._boot_failures = 0
+            elif kind == _frames.BOOTFAIL:
+                w.boot_error = frame[1:].decode("utf-8", "replace")
+            elif kind == _frames.LEAVING:
+                w.state = RETIRING
+                w.reason = frame[1:].decode("utf-8", "replace")
+            elif kind == _frames.DATA:
+                payload, code = _frames.decode_data(frame)
+                try:
+                    data = self.serializer.loads(payload)
+                except Exception as exc:
+                    data = exc
+                self.hook.prefork_child_data(worker=w.info, data=data, exitcode=code)
+
+    def _on_eof(self, w: _Worker) -> None:
+        if w.eof:
+            return
+        w.eof = True
+        fd = w.channel.fileno()
+        self._sel.unregister(fd)
+        self._by_fd.pop(fd, None)
+        self.ctx.internal_fds.discard(fd)
+        w.channel.close()
+        if w.status is None:
+            # the exit status follows; a worker that closed its channel but lives on is killed
+            w.kill_at = min(w.kill_at, time.monotonic() + EOF_GRACE)
+
+    def _on_results(self, w: _Worker, frame: bytes) -> None:
+        tasks = self._tasks
+        inflight = w.inflight
+        loads = self.serializer.loads
+        for tid, status, t0, t1, payload in _frames.decode_results(frame):
+            task = tasks.pop(tid, None)
+            if task is None:
+                continue  # a late result of a task already answered (timed out)
+            if inflight and inflight[0] is task:
+                inflight.popleft()
+            else:
+                try:
+                    inflight.remove(task)
+                except ValueError:
+                    pass
+            task.started_at = t0
+            task.finished_at = t1
+            if status == _frames.OK:
+                try:
+                    value = loads(payload)
+                except Exception as exc:
+                    self._finish(task, False, TypeError(f"the task's result could not be decoded with {self.serializer.name!r}: {exc!r}"))
+                    continue
+                self._finish(task, True, value)
+            else:
+                self._finish(task, False, decode_error(self.serializer, payload))
+        if not inflight:
+            w.idle_since = time.monotonic()
+
+    # -- outcomes -------------------------------------------------------------------
+
+    def _finish(self, task: Task, ok: bool, value: Any) -> None:
+        if task.done:
+            return
+        task.done = True
+        if not task.finished_at:
+            task.finished_at = time.monotonic()
+        try:
+            self.sink.deliver(task, ok, value)
+        except Exception:
+            log.exception("result sink %r failed to deliver %r", self.sink, task)
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        for task in list(self._tasks.values()):
+            self._finish(task, False, exc)
+        self._tasks.clear()
+        while self.queue:
+            self._finish(self.queue.popleft(), False, exc)
+
+    # -- dispatch -------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        queue = self.queue
+        if not queue:
+            return
+        ready = [w for w in self._workers.values() if w.state == READY and w.budget != 0 and not w.eof]
+        if not ready:
+            return
+        if self.prefetch:
+            per = self.prefetch
+        elif len(queue) <= len(ready):
+            per = 1
+        else:
+            per = min(AUTO_BATCH, max(2, -(-len(queue) // len(ready))))
+        ready.sort(key=lambda w: len(w.inflight))
+        now = time.monotonic()
+        claim = self.sink.claim
+        tasks = self._tasks
+        for w in ready:
+            room = per - len(w.inflight)
+            if w.budget > 0:
+                room = min(room, w.budget)
+            if room <= 0:
+                continue
+            items = []
+            inflight = w.inflight
+            while queue and len(items) < room:
+                task = queue.popleft()
+                if task.done or not claim(task):
+                    continue
+                items.append((task.id, task.payload))
+                inflight.append(task)
+                tasks[task.id] = task
+                if task.timeout:
+                    heapq.heappush(self._deadlines, (now + task.timeout, task.id))
+            if items:
+                if w.budget > 0:
+                    w.budget -= len(items)
+                w.channel.send(_frames.encode_calls(items))
+                if w.channel.wants_write():
+                    self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
+            if not queue:
+                break
+
+    def _run_inline(self) -> None:
+        """No workers (the policy allows none): run queued tasks here, one by one."""
+        assert self._inline is not None
+        queue = self.queue
+        while queue:
+            task = queue.popleft()
+            if task.done or not self.sink.claim(task):
+                continue
+            record = self._inline.call(task.id, task.payload)
+            self._tasks[task.id] = task
+            self._on_results_record(task, record)
+
+    def _on_results_record(self, task: Task, record: bytes) -> None:
+        frame = _frames.RESULTS_HEAD + record
+        fake = _Worker(-1, 0, 0.0, -1)
+        fake.inflight.append(task)
+        self._on_results(fake, frame)
+
+    # -- timers: timeouts, boots, kills, scaling --------------------------------------
+
+    def _timers(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, tid = heapq.heappop(deadlines)
+            task = self._tasks.get(tid)
+            if task is not None:
+                self._check_timeout(task, now)
+        for w in list(self._workers.values()):
+            if w.kill_at <= now and w.pid:
+                self.spawner.signal(w.pid, signal.SIGKILL)
+                w.kill_at = math.inf
+            if w.state == BOOTING and now - w.spawned_at > self.boot_timeout and not w.stop_sent:
+                w.stop_sent = True
+                w.boot_error = w.boot_error or f"the worker did not finish booting within boot_timeout = {self.boot_timeout:g} s"
+                if w.pid:
+                    self.spawner.signal(w.pid, signal.SIGKILL)
+        if now >= self._next_tick or self.queue:
+            self._scale(now)
+
+    def _check_timeout(self, task: Task, now: float) -> None:
+        w = self._holder(task)
+        if w is None:
+            return
+        current, started = self.scoreboard.task(w.slot)
+        if current != task.id or w.inflight[0] is not task:
+            heapq.heappush(self._deadlines, (now + (task.timeout or 0.0), task.id))  # not started yet
+            return
+        assert task.timeout is not None
+        if started + task.timeout > now:
+            heapq.heappush(self._deadlines, (started + task.timeout, task.id))
+            return
+        self._tasks.pop(task.id, None)
+        w.inflight.popleft()
+        task.started_at = started
+        self._finish(task, False, TaskTimeout(task.timeout, w.pid))
+        self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
+        self._retire(w, "a task timed out", kill=True)
+
+    def _holder(self, task: Task) -> _Worker | None:
+        for w in self._workers.values():
+            if w.inflight and task in w.inflight:
+                return w
+        return None
+
+    def _retire(self, w: _Worker, reason: str, kill: bool = False) -> None:
+        if w.state != RETIRING:
+            w.state = RETIRING
+            w.reason = reason
+        if kill:
+            if w.pid:
+                self.spawner.signal(w.pid, signal.SIGTERM)
+            w.kill_at = min(w.kill_at, time.monotonic() + self.kill_grace)
+        elif not w.stop_sent and w.channel is not None and not w.eof:
+            w.stop_sent = True
+            w.channel.send(_frames.STOP_FRAME)
+
+    def _scale(self, now: float) -> None:
+        if self._broken is not None or self._stopped:
+            return
+        alive = booting = idle = busy = 0
+        longest_idle = 0.0
+        for w in self._workers.values():
+            if w.state == RETIRING:
+                continue
+            alive += 1
+            if w.state == BOOTING:
+                booting += 1
+            elif w.inflight:
+                busy += 1
+            else:
+                idle += 1
+                longest_idle = max(longest_idle, now - w.idle_since)
+        if self._closing and not self.queue:
+            return
+        stats = PoolStats(
+            now=now, alive=alive, booting=booting, idle=idle, busy=busy, queued=len(self.queue),
+            spawned_total=self._spawned_total, last_spawn=self._last_spawn,
+            longest_idle=longest_idle, spawn_rate=self._spawn_rate,
+        )
+        decision: Decision = self.policy.decide(stats)
+        self._spawn_rate = decision.spawn_rate
+        self._next_tick = now + (decision.next_tick if decision.next_tick is not None else 1.0)
+        if decision.spawn and now >= self._spawn_not_before:
+            for _ in range(min(decision.spawn, self.max_workers - alive)):
+                self._spawn(now)
+        elif decision.spawn:
+            self._next_tick = min(self._next_tick, self._spawn_not_before)
+        if decision.retire:
+            idle_workers = sorted(
+                (w for w in self._workers.values() if w.state == READY and not w.inflight),
+                key=lambda w: w.idle_since,
+            )
+            for w in idle_workers[: decision.retire]:
+                self._retire(w, "retired by the scaling policy")
+
+    # -- death ----------------------------------------------------------------------
+
+    def _judge(self, w: _Worker) -> None:
+        """The worker's channel is closed and its exit status known: settle its tasks."""
+        if self._workers.get(w.slot) is not w:
+            return
+        last_started, _ = self.scoreboard.task(w.slot)
+        self._release(w)
+        status = w.status
+        expected = w.state == RETIRING or self._closing
+        started_upto = -1
+        for i, task in enumerate(w.inflight):
+            if task.id == last_started:
+                started_upto = i
+        requeue: list[Task] = []
+        for i, task in enumerate(w.inflight):
+            if task.done:
+                continue
+            self._tasks.pop(task.id, None)
+            if i <= started_upto:
+                self._finish(task, False, WorkerLost(w.pid, status, started=True))
+            elif task.retries >= MAX_REDISPATCH or self._force:
+                detail = "the pool was stopped" if self._force else f"its worker died {task.retries + 1} times before it could start"
+                self._finish(task, False, WorkerLost(w.pid, status, started=False, detail=detail))
+            else:
+                task.retries += 1
+                requeue.append(task)
+        self.queue.extendleft(reversed(requeue))
+        booted = w.state != BOOTING and not w.boot_error
+        if not booted and not expected:
+            why = w.boot_error or f"the worker exited during boot ({describe_status(status)})"
+            if status is not None and (status >> 8) & 0xFF == EXIT_BOOT_FAILED and not w.boot_error:
+                why = "the worker's initializer failed"
+            self._boot_failed(why)
+        elif not expected:
+            self._log(logging.WARNING, f"worker {w.pid} died unexpectedly ({describe_status(status)}); replacing it")
+        reason = w.reason or ("stopped" if expected else f"died ({describe_status(status)})")
+        try:
+            self.hook.prefork_worker_exited(worker=w.info, status=status, reason=reason)
+        except Exception:
+            log.exception("a prefork_worker_exited hook failed")
+        self._next_tick = 0.0  # let the policy replace it now
+
+    def _release(self, w: _Worker) -> None:
+        self._workers.pop(w.slot, None)
+        if w.pid:
+            self._by_pid.pop(w.pid, None)
+        if w.channel is not None and not w.eof:
+            fd = w.channel.fileno()
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            self._by_fd.pop(fd, None)
+            self.ctx.internal_fds.discard(fd)
+            w.channel.close()
+            w.eof = True
+        self.scoreboard.reset(w.slot)
+        self._free_slots.append(w.slot)
+
+    def _boot_failed(self, why: str) -> None:
+        self._boot_failures += 1
+        n = self._boot_failures
+        if n >= self.max_boot_failures:
+            self._broken = PoolBroken(
+                f"workers failed to boot {n} times in a row; the pool is broken. Last failure:\n{why}"
+            )
+            self._log(logging.ERROR, str(self._broken))
+            self._fail_everything(self._broken)
+            self._closing = True
+            return
+        delay = min(2.0, 0.05 * 2 ** (n - 1))
+        self._spawn_not_before = time.monotonic() + delay
+        self._log(logging.WARNING, f"a worker failed to boot ({n} in a row); retrying in {delay:g} s:\n{why}")
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def _progress_shutdown(self, now: float) -> None:
+        if self._force:
+            for w in list(self._workers.values()):
+                if w.pid and w.kill_at == math.inf:
+                    self.spawner.signal(w.pid, signal.SIGKILL)
+                    w.kill_at = now + 1.0
+                w.state = RETIRING
+            for w in list(self._workers.values()):
+                if w.state == BOOTING and not w.pid:
+                    self._release(w)
+        if self.queue and self._broken is None and not self._force:
+            return  # still draining
+        if self.queue:
+            self._fail_everything(self._broken or PoolShutDown("the pool was shut down"))
+        if self._tasks and not self._force:
+            return  # results still to come
+        for w in list(self._workers.values()):
+            if w.state == BOOTING and not w.pid:
+                self._release(w)  # its spawn is still in the fork server's hands
+                continue
+            self._retire(w, "pool shut down")
+        if self._workers:
+            return
+        self._teardown()
+
+    def _teardown(self) -> None:
+        if self._stopped and not self._started:
+            return
+        self._stopped = True
+        try:
+            self.spawner.stop()
+        except Exception:
+            log.exception("stopping the spawner failed")
+        for fd in self._spawner_fds:
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        self._spawner_fds = set()
+        self._fail_everything(PoolShutDown("the pool was shut down"))
+        _live.discard(self)
+        self._close_fds()
+        self._done_event.set()
+
+    # -- logging and introspection --------------------------------------------------
+
+    def _log(self, level: int, message: str) -> None:
+        log.log(level, message)
+        try:
+            self.hook.prefork_log(level=level, message=message)
+        except Exception:
+            log.exception("a prefork_log hook failed")
+
+    def pids(self) -> list[int]:
+        """Pids of the workers alive now."""
+        return [w.pid for w in list(self._workers.values()) if w.pid and w.status is None]
+
+    def stats(self) -> dict[str, int]:
+        workers = list(self._workers.values())
+        return {
+            "workers": sum(1 for w in workers if w.state != RETIRING),
+            "booting": sum(1 for w in workers if w.state == BOOTING),
+            "busy": sum(1 for w in workers if w.state == READY and w.inflight),
+            "idle": sum(1 for w in workers if w.state == READY and not w.inflight),
+            "queued": len(self.queue),
+            "in_flight": len(self._tasks),
+            "spawned_total": self._spawned_total,
+        }
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+                    self.ctx.internal_fds.discard(fd)
+            self._wake_r = self._wake_w = -1
+        self.ctx.internal_fds.discard(self._sel.fileno())
+        self._sel.close()
+        self.scoreboard.close()
