@@ -478,3 +478,13 @@ def test_a_frame_from_a_plain_pipe_peer_is_refused_by_name() -> None:
     finally:
         feed.close()
         parent.close()
+
+
+# -- the tutorial shows these files as they are ---------------------------------------------
+
+
+@pytest.mark.parametrize("module", [plugin_zlib_transport, plugin_math_resolver], ids=lambda m: m.__name__)
+def test_docs_show_the_example_files_whole(module: Any) -> None:
+    docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    source = Path(module.__file__).read_text(encoding="utf-8").rstrip("\n")
+    assert f"```python\n{source}\n```" in docs, f"docs/plugins.md no longer shows {module.__name__} as it is"
