@@ -1,0 +1,11 @@
+"""prefork's configuration: ``prefork.toml``, packaged profiles and keyword arguments.
+
+:func:`load_config` layers a packaged profile, the user's file and keyword
+arguments into one validated, frozen :class:`Config`.  ``python -m
+prefork.config.reference`` prints every setting.
+"""
+
+from prefork.config.load import load_config, profile_names
+from prefork.config.model import Config, PoolConfig, StrategySpec
+
+__all__ = ["Config", "PoolConfig", "StrategySpec", "load_config", "profile_names"]
