@@ -15,6 +15,7 @@ before built-ins.  A strategy name registered twice is an error.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Sequence
 from typing import Final
@@ -47,12 +48,19 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
     for modname in BUILTIN_PLUGINS:
         pm.register(importlib.import_module(modname), name=modname)
     if autoload is None:
-        autoload = not os.environ.get("PREFORK_DISABLE_PLUGIN_AUTOLOAD")
+        autoload = _env_flag("PREFORK_DISABLE_PLUGIN_AUTOLOAD") is False
     if autoload:
-        try:
-            pm.load_setuptools_entrypoints(NAME)
-        except Exception as exc:
-            raise PluginError(f"loading the installed prefork plugins failed: {exc!r}") from exc
+        for ep in importlib.metadata.entry_points(group=NAME):
+            if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"installed plugin {ep.name!r} ({ep.value}, from {_dist_name(ep)}) cannot be loaded: {exc!r}; "
+                    f"set PREFORK_DISABLE_PLUGINS={ep.name} to skip it"
+                ) from exc
+            _register(pm, plugin, ep.name)
     for plugin in plugins:
         if isinstance(plugin, str):
             if pm.get_plugin(plugin) is not None or pm.is_blocked(plugin):
@@ -61,14 +69,26 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
                 module = importlib.import_module(plugin)
             except Exception as exc:
                 raise PluginError(f"plugins = [...]: cannot import plugin module {plugin!r}: {exc}") from exc
+            if pm.is_registered(module):
+                continue  # already there, through its entry point
             _register(pm, module, plugin)
-        else:
+        elif not pm.is_registered(plugin):
             _register(pm, plugin, None)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r}: {exc}") from exc
+        raise PluginError(f"{exc} (hooks are listed in prefork.hookspecs)") from exc
     return pm
+
+
+def _env_flag(name: str) -> bool:
+    """An environment switch: unset, empty, 0, false, no and off mean off."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"distribution {dist.name!r}" if dist is not None else "an unknown distribution"
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str | None) -> None:

@@ -86,9 +86,21 @@ def test_blocked_by_prefork_disable_plugins(monkeypatch: pytest.MonkeyPatch) -> 
     assert "zlib" in registry.names("transport")
 
 
-def test_registering_the_same_plugin_module_twice_is_an_error() -> None:
-    with pytest.raises(PluginError, match="cannot be registered"):
-        build_plugin_manager(plugins=[plugin_math_resolver, plugin_math_resolver], autoload=False)
+def test_listing_the_same_plugin_module_twice_registers_it_once() -> None:
+    pm = build_plugin_manager(plugins=[plugin_math_resolver, plugin_math_resolver], autoload=False)
+    assert sum(1 for _, p in pm.list_name_plugin() if p is plugin_math_resolver) == 1
+    assert build_registry(pm).names("resolver").count("math") == 1
+
+
+def test_two_plugins_registering_one_strategy_name_is_an_error() -> None:
+    class Twin:
+        @prefork.hookimpl
+        def prefork_register_strategies(self, registry: prefork.StrategyRegistry) -> None:
+            registry.register("resolver", plugin_math_resolver.MathResolver)
+
+    pm = build_plugin_manager(plugins=[plugin_math_resolver, Twin()], autoload=False)
+    with pytest.raises(PluginError, match="resolver strategy 'math' is registered twice"):
+        build_registry(pm)
 
 
 def test_the_classes_follow_their_protocols(registry: prefork.StrategyRegistry) -> None:

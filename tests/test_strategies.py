@@ -1,0 +1,62 @@
+"""Every registered built-in strategy passes its kind's contract suite."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from prefork.plugins import build_plugin_manager, build_registry
+from prefork.testing import ResolverContract, ScalingContract, SerializerContract, SinkContract, TransportContract
+
+REGISTRY = build_registry(build_plugin_manager(autoload=False))
+
+
+def _all(kind: str) -> list[Any]:
+    return REGISTRY.names(kind)
+
+
+class TestSerializers(SerializerContract):
+    @pytest.fixture(params=_all("serializer"))
+    def serializer(self, request: pytest.FixtureRequest) -> Any:
+        return REGISTRY.create("serializer", request.param, {})
+
+
+class TestTransports(TransportContract):
+    @pytest.fixture(params=_all("transport"))
+    def transport(self, request: pytest.FixtureRequest) -> Any:
+        return REGISTRY.create("transport", request.param, {})
+
+
+class TestResolvers(ResolverContract):
+    @pytest.fixture(params=_all("resolver"))
+    def resolver(self, request: pytest.FixtureRequest) -> Any:
+        return REGISTRY.create("resolver", request.param, {})
+
+
+class TestSinks(SinkContract):
+    @pytest.fixture(params=_all("sink"))
+    def sink(self, request: pytest.FixtureRequest) -> Any:
+        return REGISTRY.create("sink", request.param, {})
+
+
+POLICIES = [
+    ("fixed", {"workers": 3}),
+    ("on-demand", {"pre_fork": 1, "max_forks": 4, "spawn_delay": 2.0, "idle_timeout": 10.0}),
+    ("spare", {"start_servers": 2, "min_spare": 1, "max_spare": 3, "max_servers": 6}),
+]
+
+
+class TestPolicies(ScalingContract):
+    @pytest.fixture(params=POLICIES, ids=[p[0] for p in POLICIES])
+    def policy(self, request: pytest.FixtureRequest) -> Any:
+        name, options = request.param
+        return REGISTRY.create("scaling", name, options)
+
+
+def test_every_kind_has_builtins() -> None:
+    assert set(_all("scaling")) == {"fixed", "on-demand", "spare"}
+    assert set(_all("serializer")) == {"pickle", "cloudpickle", "json"}
+    assert set(_all("resolver")) == {"methods", "classes", "import", "chain"}
+    assert set(_all("sink")) == {"callback", "queue", "future"}
+    assert set(_all("transport")) == {"pipe"}
