@@ -8,7 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefork._hooks import hookimpl
+from prefork._supervisor import PoolShutDown
 from prefork._task import Task, WorkerInfo
+from prefork.config import Config, load_config
 from prefork.errors import (
     ConfigError,
     MethodNotFound,
@@ -32,13 +34,16 @@ from prefork.strategies import (
 )
 
 __all__ = [
+    "Config",
     "ConfigError",
+    "Executor",
     "Decision",
     "MethodNotFound",
     "MethodResolver",
     "Outcome",
     "PluginError",
     "PoolBroken",
+    "PoolShutDown",
     "PoolStats",
     "PreforkError",
     "RemoteTaskError",
@@ -53,10 +58,15 @@ __all__ = [
     "WorkerLost",
     "__version__",
     "hookimpl",
+    "load_config",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Executor":
+        from prefork.executor import Executor
+
+        return Executor
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 
