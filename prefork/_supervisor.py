@@ -53,7 +53,9 @@ READY: Final = 1
 RETIRING: Final = 2  #: told to leave, or leaving on its own; not counted as alive
 
 MAX_REDISPATCH: Final = 3  #: a task whose worker died before it started goes back this often
-AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep
+AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep and tasks short
+SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
+LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
@@ -174,6 +176,7 @@ class Supervisor:
         self._ids = itertools.count(1)
         self._serials = itertools.count(1)
         self._deadlines: list[tuple[float, int]] = []
+        self._avg_task: float | None = None  # moving average of task run time (s)
         self._spawned_total = 0
         self._last_spawn = -math.inf
         self._spawn_rate = 1
@@ -513,6 +516,8 @@ class Supervisor:
                     pass
             task.started_at = t0
             task.finished_at = t1
+            avg = self._avg_task
+            self._avg_task = t1 - t0 if avg is None else avg + 0.1 * (t1 - t0 - avg)
             if status == _frames.OK:
                 try:
                     value = loads(payload)
@@ -556,10 +561,8 @@ class Supervisor:
             return
         if self.prefetch:
             per = self.prefetch
-        elif len(queue) <= len(ready):
-            per = 1
         else:
-            per = min(AUTO_BATCH, max(2, -(-len(queue) // len(ready))))
+            per = self._auto_prefetch(len(queue))
         ready.sort(key=lambda w: len(w.inflight))
         now = time.monotonic()
         claim = self.sink.claim
@@ -589,6 +592,17 @@ class Supervisor:
                     self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
             if not queue:
                 break
+
+    def _auto_prefetch(self, queued: int) -> int:
+        """Tasks in flight per worker: 1 for long tasks (fair spread), 2 for medium ones
+        (the next is there when one ends), a batch for short ones (fewer frames)."""
+        avg = self._avg_task
+        alive = sum(1 for w in self._workers.values() if w.state != RETIRING) or 1
+        if queued <= alive or avg is None or avg >= LONG_TASK:
+            return 1
+        if avg >= SHORT_TASK:
+            return 2
+        return min(AUTO_BATCH, max(2, -(-queued // alive)))
 
     def _run_inline(self) -> None:
         """No workers (the policy allows none): run queued tasks here, one by one."""

@@ -1,0 +1,171 @@
+"""The ``prefork`` command: ``run``, ``check`` and ``plugins``.
+
+    prefork run [-c prefork.toml] [--set key=value ...]
+    prefork check [-c prefork.toml] [--set key=value ...]
+    prefork plugins [-c prefork.toml]
+
+Without ``-c``, ``./prefork.toml`` is read when it exists.  ``run`` imports the
+config's ``app = "module:callable"`` (the current directory is importable),
+builds the pool the profile names, calls ``app(pool)`` and shuts the pool down;
+SIGINT and SIGTERM stop it cleanly (queued tasks are cancelled, workers
+stopped).  The exit code is the app's return value when it is an int.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefork._proctitle import set_title
+from prefork.config import Config, load_config
+from prefork.errors import ConfigError, PluginError
+from prefork.strategies.registry import KINDS
+from prefork.strategies.resolver import import_object
+
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM, so ``finally`` blocks run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; the value is read as TOML (``4``, ``"x"``, ``[1, 2]``), else a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, for example --set scaling.workers=4")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg is not None:
+        return arg
+    return "prefork.toml" if Path("prefork.toml").is_file() else None
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(_config_path(args.config), _parse_set(args.set))
+
+
+def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
+    from prefork.executor import Executor
+
+    pool = Executor(config=config)
+    try:
+        return app(pool)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+#: How ``prefork run`` builds the pool of each profile and hands it to the app.
+RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
+    "executor": _run_executor,
+}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if not config.app:
+        raise ConfigError(
+            f"{_config_path(args.config) or 'the configuration'}: app is empty; "
+            "set app = \"module:callable\" to name what `prefork run` starts"
+        )
+    runner = RUNNERS.get(config.profile)
+    if runner is None:
+        raise ConfigError(
+            f"profile {config.profile!r} cannot be started by `prefork run` yet "
+            f"(profiles it runs: {', '.join(sorted(RUNNERS))})"
+        )
+    sys.path.insert(0, os.getcwd())
+    try:
+        app = import_object(config.app)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"app = {config.app!r}: cannot import it: {exc}") from exc
+    if not callable(app):
+        raise ConfigError(f"app = {config.app!r}: {type(app).__name__} is not callable")
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise _Stop(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    set_title(f"{config.name} supervisor")
+    try:
+        result = runner(config, app)
+    except _Stop as stop:
+        print(f"prefork: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if isinstance(result, bool):
+        return 0 if result else 1
+    return result if isinstance(result, int) else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    sys.stdout.write(config.to_toml())
+    print(f"# OK: profile {config.profile!r}, {len(config.plugins)} listed plugin(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    config = _load(args)
+    by_plugin: dict[str, list[str]] = {}
+    for reg in config.registry:
+        by_plugin.setdefault(reg.plugin, []).append(f"{reg.kind} {reg.name!r} ({reg.cls.__module__}.{reg.cls.__qualname__})")
+    for name, plugin in config.plugin_manager.list_name_plugin():
+        hooks = sorted(
+            impl.name
+            for impl in (h for h in config.plugin_manager.get_hookcallers(plugin) or [])
+            if impl.name != "prefork_register_strategies"
+        )
+        print(name)
+        for line in by_plugin.get(name, []):
+            print(f"  strategy  {line}")
+        for hook in hooks:
+            print(f"  hook      {hook}")
+    print(f"kinds: {', '.join(KINDS)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefork", description="Preforking process pools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (
+        ("run", cmd_run, "start the app the config names"),
+        ("check", cmd_check, "validate a config and print the merged result"),
+        ("plugins", cmd_plugins, "list plugins and the strategies and hooks each provides"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("-c", "--config", help="path to a prefork.toml (default: ./prefork.toml if present)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, PluginError) as exc:
+        print(f"prefork: error: {exc}", file=sys.stderr)
+        return 2
