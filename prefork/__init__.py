@@ -10,6 +10,7 @@ from typing import Any
 from prefork._hooks import hookimpl
 from prefork._supervisor import PoolShutDown
 from prefork._task import Task, WorkerInfo
+from prefork._worker import WorkerHandle, current_worker
 from prefork.config import Config, load_config
 from prefork.errors import (
     ConfigError,
@@ -36,8 +37,8 @@ from prefork.strategies import (
 __all__ = [
     "Config",
     "ConfigError",
-    "Executor",
     "Decision",
+    "Executor",
     "MethodNotFound",
     "MethodResolver",
     "Outcome",
@@ -54,9 +55,11 @@ __all__ = [
     "Task",
     "TaskTimeout",
     "Transport",
+    "WorkerHandle",
     "WorkerInfo",
     "WorkerLost",
     "__version__",
+    "current_worker",
     "hookimpl",
     "load_config",
 ]

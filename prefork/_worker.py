@@ -53,6 +53,37 @@ class WorkerContext:
     internal_fds: set[int] = attrs.field(factory=set)
 
 
+class WorkerHandle:
+    """What code running in a worker can ask of prefork: ``prefork.current_worker()``."""
+
+    __slots__ = ("_channel", "_serializer", "info")
+
+    def __init__(self, info: WorkerInfo, channel: ChildChannel, serializer: Serializer) -> None:
+        self.info = info
+        self._channel = channel
+        self._serializer = serializer
+
+    def yell(self, data: Any) -> None:
+        """Send ``data`` to the supervisor now; its ``prefork_child_data`` hooks receive it.
+
+        Each message arrives whole, whatever its size, and never interleaves with
+        another worker's.  Raises ``TypeError`` when the serializer refuses ``data``.
+        """
+        try:
+            payload = self._serializer.dumps(data)
+        except Exception as exc:
+            raise TypeError(f"yell: {type(data).__name__} cannot be serialized with {self._serializer.name!r}: {exc}") from exc
+        self._channel.send(_frames.encode_data(payload, None))
+
+
+_current: WorkerHandle | None = None
+
+
+def current_worker() -> WorkerHandle | None:
+    """The worker this code runs in, or ``None`` outside a worker."""
+    return _current
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` when the forking thread's process dies (Linux)."""
     try:
@@ -126,6 +157,8 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
     info.pid = os.getpid()
     set_title(f"{ctx.name} worker")
     channel = ctx.transport.child_channel(sock)
+    global _current
+    _current = WorkerHandle(info, channel, ctx.serializer)
     board = ctx.scoreboard
     slot = info.slot
     try:
