@@ -86,9 +86,14 @@ def test_per_task_callback_overrides_the_sinks() -> None:
     assert got == [("own", 10)]
 
 
-@pytest.mark.parametrize("serializer", ["pickle", "cloudpickle", "json"])
+@pytest.mark.parametrize("serializer", ["pickle", "cloudpickle", "json", "msgpack"])
 def test_named_methods_resolve_in_the_worker(serializer: str) -> None:
+    plugins = []
+    if serializer == "msgpack":
+        pytest.importorskip("prefork_msgpack", reason="pip install ./plugins/prefork-msgpack")
+        plugins = ["prefork_msgpack"]  # the installed plugin, listed explicitly (autoload is off in tests)
     sup = pool(**{
+        "plugins": plugins,
         "serializer": serializer,
         "resolver.name": "chain",
         "resolver.methods": {"twice": double, "pid": "os:getpid"},
