@@ -30,7 +30,12 @@ class PreforkError(Exception):
 
 
 class ConfigError(PreforkError, ValueError):
-    """A configuration value is wrong; the message names file, key, value and reason."""
+    """A configuration value is wrong; the message names file, key, value and reason.
+
+    ``option`` is the strategy's :class:`OptionError` when one caused it.
+    """
+
+    option: OptionError | None = None
 
 
 class OptionError(ValueError):

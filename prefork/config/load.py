@@ -256,9 +256,8 @@ def _strategy(registry: StrategyRegistry, layers: _Layers, kind: str) -> Strateg
     try:
         registry.create(kind, name, options, f"{source}: {kind}")
     except ConfigError as exc:
-        cause = exc.__context__  # build_options raises `from None` but keeps the OptionError as context
-        if isinstance(cause, OptionError):
-            raise _option_error(layers, kind, cause) from None
+        if exc.option is not None:
+            raise _option_error(layers, kind, exc.option) from None
         raise
     except Exception as exc:
         raise ConfigError(f"{source}: {kind}: cannot create the {kind} strategy {name!r}: {exc}") from exc

@@ -114,6 +114,8 @@ def build_options(cls: type, options: Mapping[str, Any], where: str) -> Any:
     try:
         return cls(**options)
     except OptionError as exc:
-        raise ConfigError(f"{where}.{exc}") from None
+        err = ConfigError(f"{where}.{exc}")
+        err.option = exc
+        raise err from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
