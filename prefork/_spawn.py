@@ -63,6 +63,19 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
+def reap_worker(pid: int) -> int:
+    """Reap an exited worker after killing what is left of its process group.
+
+    While the worker is a zombie its pid cannot be reused, so the group kill
+    reaches only what its tasks started and left behind: no orphan survives it.
+    """
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return os.waitpid(pid, 0)[1]
+
+
 class DirectSpawner:
     """Forks in the supervisor's own process."""
 
@@ -96,8 +109,7 @@ class DirectSpawner:
         pid = self._pidfds.pop(fd)
         self.ctx.internal_fds.discard(fd)
         os.close(fd)
-        _, status = os.waitpid(pid, 0)
-        return [("exited", pid, status)]
+        return [("exited", pid, reap_worker(pid))]
 
     def signal(self, pid: int, sig: int) -> None:
         if pid in self._pidfds.values():
@@ -231,7 +243,7 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
         sel.unregister(fd)
         ctx.internal_fds.discard(fd)
         os.close(fd)
-        return os.waitpid(pid, 0)[1]
+        return reap_worker(pid)
 
     def send(msg: tuple[Any, ...], fds: list[int] | None = None) -> None:
         data = pickle.dumps(msg)

@@ -84,6 +84,7 @@ class _Worker:
         "inflight",
         "info",
         "kill_at",
+        "lost",
         "pid",
         "reason",
         "serial",
@@ -109,6 +110,7 @@ class _Worker:
         self.idle_since = now
         self.kill_at = math.inf  # SIGKILL escalation time
         self.stop_sent = False
+        self.lost = False  # its fork server died: no exit status will come
         self.reason = ""  # why it is leaving, when we know
         self.info: WorkerInfo | None = None
 
@@ -386,8 +388,14 @@ class Supervisor:
     def _fork_server_lost(self) -> None:
         if self._closing:
             return
-        self._log(logging.ERROR, "the fork server died; starting a new one")
+        self._log(logging.ERROR, "the fork server died; its workers die with it; starting a new one")
         self._sync_spawner_fds()  # the dead server watches nothing any more
+        for w in list(self._workers.values()):
+            w.lost = True  # no exit status will come: judge each at end of stream
+            if w.pid == 0:
+                self._release(w)  # its spawn request died with the server
+            elif w.eof:
+                self._judge(w)
         self.spawner.stop()
         self.spawner = ForkServer(self.ctx)
         self.spawner.start()
@@ -495,7 +503,9 @@ class Supervisor:
         self._by_fd.pop(fd, None)
         self.ctx.internal_fds.discard(fd)
         w.channel.close()
-        if w.status is None:
+        if w.lost:
+            self._judge(w)
+        elif w.status is None:
             # the exit status follows; a worker that closed its channel but lives on is killed
             w.kill_at = min(w.kill_at, time.monotonic() + EOF_GRACE)
 

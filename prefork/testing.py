@@ -51,7 +51,8 @@ def _proc_table() -> dict[int, tuple[int, str, str]]:
         except OSError:
             continue
         rest = stat[stat.rindex(")") + 2 :].split()
-        table[pid] = (int(rest[1]), rest[0], cmd)
+        # a zombie has no command line; its short name (comm) is all that is left
+        table[pid] = (int(rest[1]), rest[0], cmd or stat[stat.index("(") + 1 : stat.rindex(")")])
     return table
 
 
