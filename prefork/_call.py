@@ -45,10 +45,10 @@ def decode_error(serializer: Serializer, data: bytes) -> BaseException:
     except Exception as exc:
         return RemoteTaskError(type(exc).__name__, f"the task's error could not be decoded: {exc}", "")
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], BaseException):
-        exc, tb_text = obj
-        if tb_text:
-            exc.__cause__ = _RemoteTraceback(tb_text)
-        return exc
+        error: BaseException = obj[0]
+        if obj[1]:
+            error.__cause__ = _RemoteTraceback(str(obj[1]))
+        return error
     if isinstance(obj, (tuple, list)) and len(obj) == 3:
         type_name, message, tb_text = (str(x) for x in obj)
         err = RemoteTaskError(type_name, message, tb_text)

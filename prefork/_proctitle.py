@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-try:
-    from setproctitle import setproctitle as _set
-except ImportError:  # pragma: no cover - setproctitle is a dependency
-    _set = None
+from setproctitle import setproctitle
 
 
 def set_title(title: str) -> None:
-    if _set is not None:
-        _set(title)
+    setproctitle(title)

@@ -583,7 +583,7 @@ class Supervisor:
                 room = min(room, w.budget)
             if room <= 0:
                 continue
-            items = []
+            items: list[tuple[int, bytes]] = []
             inflight = w.inflight
             while queue and len(items) < room:
                 task = queue.popleft()

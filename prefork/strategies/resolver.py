@@ -82,7 +82,7 @@ class ClassesResolver:
                 holder = import_object(holder) if ":" in holder else importlib.import_module(holder)
             target = getattr(holder, method, None)
             if callable(target):
-                return target
+                return target  # type: ignore[no-any-return]
         return None
 
 

@@ -13,7 +13,7 @@ import pickle
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped]
 
 from prefork._hooks import hookimpl
 
@@ -67,7 +67,7 @@ class CloudpickleSerializer:
                 # earlier, do not have: cloudpickle sends those by value.
                 if b"__main__" not in data:
                     return data
-        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(obj, pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
 
     def loads(self, data: bytes) -> Any:
         return pickle.loads(data)

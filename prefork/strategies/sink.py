@@ -113,7 +113,7 @@ class CallbackSink:
     traceback and does not stop the pool."""
 
     name: ClassVar[str] = "callback"
-    callback: Callable[[Task, bool, Any], Any] | None = attrs.field(
+    callback: Callable[[Task, bool, Any], Any] | str | None = attrs.field(
         default=None, metadata={"doc": "callable(task, ok, value), or a 'module:callable' string"}
     )
 
@@ -131,7 +131,7 @@ class CallbackSink:
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         cb = task.callback or self.callback
-        if cb is None:
+        if cb is None or isinstance(cb, str):
             return
         try:
             cb(task, ok, value)
