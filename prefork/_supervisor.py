@@ -44,6 +44,7 @@ from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, WorkerContext
 from prefork.errors import PoolBroken, PreforkError, TaskTimeout, WorkerLost, describe_status
+from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import Decision, PoolStats
 
 log = logging.getLogger("prefork")
@@ -143,11 +144,12 @@ class Supervisor:
         if initializer is None and pool.initializer:
             initializer = pool.initializer
             if isinstance(initializer, str):
-                from prefork.strategies.resolver import import_object
-
                 initializer = import_object(initializer)
         if initargs is None:
             initargs = tuple(pool.initargs)
+        finalizer = pool.finalizer or None
+        if isinstance(finalizer, str):
+            finalizer = import_object(finalizer)
         self.max_workers = self.policy.max_workers()
         self.max_tasks = pool.max_tasks_per_child
         self.default_timeout = pool.task_timeout or None
@@ -167,6 +169,7 @@ class Supervisor:
             scoreboard=self.scoreboard,
             initializer=initializer,
             initargs=initargs,
+            finalizer=finalizer,
             max_tasks=self.max_tasks,
         )
         self.queue: deque[Task] = deque()

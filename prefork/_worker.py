@@ -30,6 +30,7 @@ from prefork.strategies.transport import ChildChannel, Transport
 EXIT_OK: Final = 0
 EXIT_BOOT_FAILED: Final = 3  #: init hook or initializer raised: the pool counts it
 EXIT_INTERNAL: Final = 4  #: prefork itself failed in the worker
+EXIT_FINALIZER_FAILED: Final = 5  #: the finalizer raised (its traceback is on stderr)
 
 _PR_SET_PDEATHSIG: Final = 1
 _FLUSH_AGE: Final = 0.0005  #: buffered results older than this are sent before the next task
@@ -48,6 +49,7 @@ class WorkerContext:
     scoreboard: _scoreboard.Scoreboard
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
+    finalizer: Callable[[], Any] | None = None
     max_tasks: int = 0
     #: file descriptors of the supervisor's own plumbing, closed in every child
     internal_fds: set[int] = attrs.field(factory=set)
@@ -172,11 +174,24 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
     channel.send(_frames.READY_FRAME)
     reason = _call_loop(ctx, info, channel)
     board.set_state(slot, _scoreboard.EXITING)
+    return leave(ctx, info, reason)
+
+
+def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
+    """A worker leaving on its own: the finalizer, then the exit hooks; never raises."""
+    code = EXIT_OK
+    if ctx.finalizer is not None:
+        try:
+            ctx.finalizer()
+        except BaseException:
+            print(f"prefork: the finalizer of worker {info.pid} failed:", file=sys.stderr)
+            traceback.print_exc()
+            code = EXIT_FINALIZER_FAILED
     try:
         ctx.hook.prefork_worker_exit(worker=info, reason=reason)
-    except Exception:
+    except BaseException:
         traceback.print_exc()
-    return EXIT_OK
+    return code
 
 
 def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> str:

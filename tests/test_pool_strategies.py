@@ -176,3 +176,22 @@ def test_no_workers_means_tasks_run_synchronously_in_the_caller() -> None:
         assert sup.pids() == []
     finally:
         sup.shutdown()
+
+
+def note_exit() -> None:
+    path = os.environ["FINALIZER_DIR"]
+    with open(os.path.join(path, str(os.getpid())), "a") as f:
+        f.write("bye\n")
+
+
+def test_finalizer_runs_once_in_every_worker_that_leaves(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINALIZER_DIR", str(tmp_path))
+    sup = pool(**{"scaling.workers": 1, "pool.max_tasks_per_child": 2, "pool.finalizer": note_exit})
+    try:
+        pids = {sup.submit(os.getpid).result(10) for _ in range(4)}
+    finally:
+        sup.shutdown()
+    assert len(pids) == 2
+    notes = {int(p.name): p.read_text() for p in tmp_path.iterdir()}
+    assert pids <= set(notes)  # both recycled workers, and the one shut down, said goodbye once
+    assert len(notes) == 3 and set(notes.values()) == {"bye\n"}

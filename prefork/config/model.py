@@ -201,6 +201,11 @@ class PoolConfig:
     initargs: tuple[Any, ...] = attrs.field(
         default=(), converter=_as_tuple, validator=_is_list, hash=False, metadata=_doc("arguments passed to the initializer", "list")
     )
+    finalizer: str | Callable[..., Any] = attrs.field(
+        default="", validator=_callable_spec(allow_callable=True),
+        metadata=_doc("'module:callable' (or, from code, a callable) run once in each worker as it leaves "
+                      "on its own: stopped, recycled, or at the end of its channel (\"\": none)", "str | callable"),
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.prefetch and self.max_tasks_per_child and self.prefetch > self.max_tasks_per_child:
