@@ -6,6 +6,6 @@ prefork.config.reference`` prints every setting.
 """
 
 from prefork.config.load import load_config, profile_names
-from prefork.config.model import Config, PoolConfig, StrategySpec
+from prefork.config.model import BossWorkerConfig, Config, PoolConfig, StrategySpec
 
-__all__ = ["Config", "PoolConfig", "StrategySpec", "load_config", "profile_names"]
+__all__ = ["BossWorkerConfig", "Config", "PoolConfig", "StrategySpec", "load_config", "profile_names"]

@@ -17,9 +17,9 @@ import attrs
 
 from prefork.config.model import (
     ALL_KEYS,
+    TABLES,
     TOP_LEVEL_KEYS,
     Config,
-    PoolConfig,
     StrategySpec,
     check_field,
     freeze,
@@ -138,8 +138,8 @@ def _normalize(data: Mapping[str, Any], source: str) -> dict[str, Any]:
                 value = {"name": value}
             elif not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: {key} = {value!r}: must be a table or a strategy name")
-        elif key == "pool" and not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: pool = {value!r}: must be a table")
+        elif key in TABLES and not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {key} = {value!r}: must be a table")
         out[key] = _plain(value)
     return out
 
@@ -303,7 +303,8 @@ def load_config(
 
     data = layers.data
     _check_keys(data, list(ALL_KEYS), layers)
-    _check_keys(data.get("pool", {}), [f.name for f in attrs.fields(PoolConfig)], layers, "pool")
+    for table, cls in TABLES.items():
+        _check_keys(data.get(table, {}), [f.name for f in attrs.fields(cls)], layers, table)
     top: dict[str, Any] = {}
     try:
         for key in TOP_LEVEL_KEYS:
@@ -311,10 +312,12 @@ def load_config(
                 top[key] = check_field(Config, key, data[key])
     except OptionError as exc:
         raise _option_error(layers, "", exc) from None
-    try:
-        pool = PoolConfig(**data.get("pool", {}))
-    except OptionError as exc:
-        raise _option_error(layers, "pool", exc) from None
+    tables: dict[str, Any] = {}
+    for table, cls in TABLES.items():
+        try:
+            tables[table] = cls(**data.get(table, {}))
+        except OptionError as exc:
+            raise _option_error(layers, table, exc) from None
 
     try:
         pm = build_plugin_manager(top.get("plugins", ()))
@@ -322,8 +325,8 @@ def load_config(
     except PluginError as exc:
         raise ConfigError(f"{layers.source('plugins')}: {exc}") from exc
     specs = {kind: _strategy(registry, layers, kind) for kind in KINDS}
-    fields: dict[str, Any] = {**top, **specs}
+    fields: dict[str, Any] = {**top, **tables, **specs}
     try:
-        return Config(pool=pool, plugin_manager=pm, registry=registry, sources=layers.dotted_sources(), **fields)
+        return Config(plugin_manager=pm, registry=registry, sources=layers.dotted_sources(), **fields)
     except OptionError as exc:
         raise _option_error(layers, "", exc) from None

@@ -27,7 +27,7 @@ FORK_FROM: Final = ("forkserver", "direct")
 #: The scalar top-level keys, in the order files and docs list them.
 TOP_LEVEL_KEYS: Final = ("profile", "name", "app", "plugins")
 #: Every key allowed at the top level of a config file.
-ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", *KINDS)
+ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", "boss_worker", *KINDS)
 
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
@@ -85,6 +85,11 @@ def _choice(choices: tuple[str, ...]) -> _Validator:
             raise OptionError(attribute.name, value, f"must be {' or '.join(map(repr, choices))}{hint}")
 
     return check
+
+
+def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise OptionError(attribute.name, value, "must be true or false")
 
 
 def _nonempty_str(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -214,6 +219,45 @@ class PoolConfig:
             )
 
 
+WHEN_FULL: Final = ("block", "raise")
+
+
+@attrs.frozen(kw_only=True)
+class BossWorkerConfig:
+    """The ``[boss_worker]`` table: the job handlers of the boss-worker profile
+    (``prefork.BossWorker``).  Its other seed options live where the core keeps
+    them: ``init_handler`` is ``pool.initializer``, ``exit_handler`` is
+    ``pool.finalizer``, ``global_timeout`` is ``pool.task_timeout`` and
+    ``worker_count`` is ``scaling.workers``."""
+
+    work_handler: str | Callable[..., Any] = attrs.field(
+        default="", validator=_callable_spec(allow_callable=True),
+        metadata=_doc("'module:callable' (or, from code, a callable) run in a worker for each job", "str | callable"),
+    )
+    result_handler: str | Callable[..., Any] = attrs.field(
+        default="", validator=_callable_spec(allow_callable=True),
+        metadata=_doc("'module:callable' run in the caller on each result as get_result() returns it (\"\": none)",
+                      "str | callable"),
+    )
+    ordered: bool = attrs.field(
+        default=False, validator=_bool, metadata=_doc("get_result() returns results in the order the jobs were added")
+    )
+    with_ids: bool = attrs.field(
+        default=False, validator=_bool, metadata=_doc("get_result() returns (job id, result) pairs; add_work() returns the ids")
+    )
+    max_pending: int = attrs.field(
+        default=0, validator=_int_ge(0), metadata=_doc("most jobs waiting for a worker (0: no bound)")
+    )
+    when_full: str = attrs.field(
+        default="block", validator=_choice(WHEN_FULL),
+        metadata=_doc("what add_work() does at max_pending: 'block' until there is room, or 'raise' QueueFull"),
+    )
+
+
+#: The plain tables of a config file and the class of each.
+TABLES: Final = {"pool": PoolConfig, "boss_worker": BossWorkerConfig}
+
+
 def _kind(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value not in KINDS:
         raise OptionError(attribute.name, value, f"must be one of {', '.join(KINDS)}")
@@ -268,6 +312,10 @@ class Config:
         factory=PoolConfig, validator=attrs.validators.instance_of(PoolConfig),
         metadata=_doc("the [pool] table"),
     )
+    boss_worker: BossWorkerConfig = attrs.field(
+        factory=BossWorkerConfig, validator=attrs.validators.instance_of(BossWorkerConfig),
+        metadata=_doc("the [boss_worker] table"),
+    )
     scaling: StrategySpec = attrs.field(validator=_spec_of("scaling"), metadata=_doc("how many workers, when to fork and retire them"))
     transport: StrategySpec = attrs.field(validator=_spec_of("transport"), metadata=_doc("how frames move between supervisor and worker"))
     serializer: StrategySpec = attrs.field(validator=_spec_of("serializer"), metadata=_doc("how payloads become bytes"))
@@ -304,8 +352,9 @@ class Config:
     def to_toml(self) -> str:
         """The whole configuration as TOML text that :func:`load_config` reads back."""
         lines = [toml_assign(key, getattr(self, key)) for key in TOP_LEVEL_KEYS]
-        lines += ["", "[pool]"]
-        lines += [toml_assign(f.name, getattr(self.pool, f.name)) for f in attrs.fields(PoolConfig)]
+        for table, cls in TABLES.items():
+            lines += ["", f"[{table}]"]
+            lines += [toml_assign(f.name, getattr(getattr(self, table), f.name)) for f in attrs.fields(cls)]
         for kind in KINDS:
             spec = self.spec(kind)
             lines += ["", f"[{kind}]", toml_assign("name", spec.name)]

@@ -16,7 +16,7 @@ from typing import Any, Final
 import attrs
 
 from prefork.config.load import profile_names, profile_text
-from prefork.config.model import TOP_LEVEL_KEYS, Config, PoolConfig, Unrepresentable, toml_value
+from prefork.config.model import TABLES, TOP_LEVEL_KEYS, Config, Unrepresentable, toml_value
 from prefork.strategies.registry import KINDS, StrategyRegistry
 
 __all__ = ["EXAMPLE_TOML", "render_reference"]
@@ -120,7 +120,8 @@ def render_reference(registry: StrategyRegistry) -> str:
     out += ["## Example", "", "```toml", EXAMPLE_TOML.rstrip("\n"), "```", ""]
     top = [getattr(attrs.fields(Config), key) for key in TOP_LEVEL_KEYS]
     out += ["## Top-level keys", "", *_table(top, "key"), ""]
-    out += ["## `[pool]`", "", _prose(PoolConfig.__doc__), "", *_table(attrs.fields(PoolConfig), "key"), ""]
+    for table, cls in TABLES.items():
+        out += [f"## `[{table}]`", "", _prose(cls.__doc__), "", *_table(attrs.fields(cls), "key"), ""]
     out += ["## Strategies", "", "A strategy accepts exactly the options in its table; any other key is an error. "
             "Options described as *code only* take Python objects and are given as keyword arguments.", ""]
     for kind in KINDS:
