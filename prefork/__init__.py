@@ -35,6 +35,7 @@ from prefork.strategies import (
 )
 
 __all__ = [
+    "BossWorker",
     "Config",
     "ConfigError",
     "Decision",
@@ -47,6 +48,7 @@ __all__ = [
     "PoolShutDown",
     "PoolStats",
     "PreforkError",
+    "QueueFull",
     "RemoteTaskError",
     "ResultSink",
     "ScalingPolicy",
@@ -70,6 +72,10 @@ def __getattr__(name: str) -> Any:
         from prefork.executor import Executor
 
         return Executor
+    if name in ("BossWorker", "QueueFull"):
+        from prefork import bossworker
+
+        return getattr(bossworker, name)
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

@@ -168,11 +168,17 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
         if ctx.initializer is not None:
             ctx.initializer(*ctx.initargs)
     except BaseException:
-        channel.send(bytes([_frames.BOOTFAIL]) + traceback.format_exc().encode("utf-8", "replace"))
+        try:
+            channel.send(bytes([_frames.BOOTFAIL]) + traceback.format_exc().encode("utf-8", "replace"))
+        except OSError:
+            pass
         return EXIT_BOOT_FAILED
     board.set_state(slot, _scoreboard.IDLE)
-    channel.send(_frames.READY_FRAME)
-    reason = _call_loop(ctx, info, channel)
+    try:
+        channel.send(_frames.READY_FRAME)
+        reason = _call_loop(ctx, info, channel)
+    except (BrokenPipeError, ConnectionResetError):
+        reason = "the supervisor closed the channel"
     board.set_state(slot, _scoreboard.EXITING)
     return leave(ctx, info, reason)
 

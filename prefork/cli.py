@@ -75,9 +75,23 @@ def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
         pool.shutdown(wait=True)
 
 
+def _run_boss_worker(config: Config, app: Callable[..., Any]) -> Any:
+    from prefork.bossworker import BossWorker
+
+    boss = BossWorker.from_config(config)
+    try:
+        return app(boss)
+    except BaseException:
+        boss.shut_down(force=True)
+        raise
+    finally:
+        boss.shut_down()
+
+
 #: How ``prefork run`` builds the pool of each profile and hands it to the app.
 RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
     "executor": _run_executor,
+    "boss-worker": _run_boss_worker,
 }
 
 
