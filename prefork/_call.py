@@ -111,12 +111,15 @@ class Caller:
             value = fn(*args, **kwargs) if kwargs else fn(*args)
             t1 = time.monotonic()
             if self._after is not None:
-                self._after(worker=self.info, task_id=tid, method=method, ok=True, result=value)
+                self._after(worker=self.info, task_id=tid, method=method, ok=True, result=value, args=args, kwargs=kwargs)
         except BaseException as exc:  # SystemExit in a task fails the task, not the worker
             t1 = time.monotonic()
             if self._after is not None:
                 try:
-                    self._after(worker=self.info, task_id=tid, method=locals().get("method"), ok=False, result=exc)
+                    self._after(
+                        worker=self.info, task_id=tid, method=locals().get("method"), ok=False, result=exc,
+                        args=locals().get("args", ()), kwargs=locals().get("kwargs", {}),
+                    )
                 except Exception:
                     pass
             return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))

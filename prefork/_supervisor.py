@@ -119,8 +119,8 @@ class _Worker:
 class Supervisor:
     """Owns a pool of workers built from a :class:`prefork.config.Config`.
 
-    ``sink`` defaults to ``config.create("sink")``; ``initializer`` overrides
-    the config's.  ``threaded=False`` leaves the loop to the caller (``step``).
+    ``sink`` and ``resolver`` default to the config's strategies; ``initializer``
+    overrides the config's.  ``threaded=False`` leaves the loop to the caller (``step``).
     """
 
     def __init__(
@@ -128,6 +128,7 @@ class Supervisor:
         config: Any,
         *,
         sink: Any = None,
+        resolver: Any = None,
         initializer: Any = None,
         initargs: tuple[Any, ...] | None = None,
         threaded: bool = True,
@@ -138,7 +139,7 @@ class Supervisor:
         self.hook = self.pm.hook
         self.policy = config.create("scaling")
         self.serializer = config.create("serializer")
-        self.resolver = config.create("resolver")
+        self.resolver = resolver if resolver is not None else config.create("resolver")
         self.transport = config.create("transport")
         self.sink = sink if sink is not None else config.create("sink")
         if initializer is None and pool.initializer:
@@ -162,6 +163,7 @@ class Supervisor:
         self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.max_workers + 2))
         self.ctx = WorkerContext(
             name=config.name,
+            title=pool.worker_title.format(name=config.name),
             serializer=self.serializer,
             resolver=self.resolver,
             transport=self.transport,
@@ -436,6 +438,7 @@ class Supervisor:
             self.ctx.internal_fds.add(fd)
             self._by_fd[fd] = w
             self._sel.register(fd, selectors.EVENT_READ, self._on_channel)
+            self._log(logging.INFO, f"forked worker {pid} (slot {slot})")
             if self._force:
                 self.spawner.signal(pid, signal.SIGKILL)
         elif kind == "failed":
@@ -769,6 +772,8 @@ class Supervisor:
         elif not expected:
             self._log(logging.WARNING, f"worker {w.pid} died unexpectedly ({describe_status(status)}); replacing it")
         reason = w.reason or ("stopped" if expected else f"died ({describe_status(status)})")
+        if expected:
+            self._log(logging.INFO, f"worker {w.pid} left: {reason} ({describe_status(status)})")
         try:
             self.hook.prefork_worker_exited(worker=w.info, status=status, reason=reason)
         except Exception:

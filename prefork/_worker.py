@@ -42,6 +42,7 @@ class WorkerContext:
     """What a worker needs, built in the supervisor before any fork and inherited."""
 
     name: str
+    title: str
     serializer: Serializer
     resolver: MethodResolver
     transport: Transport
@@ -157,7 +158,7 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
     except OSError:
         pass
     info.pid = os.getpid()
-    set_title(f"{ctx.name} worker")
+    set_title(ctx.title)
     channel = ctx.transport.child_channel(sock)
     global _current
     _current = WorkerHandle(info, channel, ctx.serializer)

@@ -68,8 +68,11 @@ def prefork_before_call(worker: WorkerInfo, task_id: int, method: Any, args: tup
 
 
 @hookspec
-def prefork_after_call(worker: WorkerInfo, task_id: int, method: Any, ok: bool, result: Any) -> None:
-    """Called in the worker after each task's callable returned (``ok``) or raised."""
+def prefork_after_call(
+    worker: WorkerInfo, task_id: int, method: Any, ok: bool, result: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    """Called in the worker after each task's callable returned (``ok``) or raised
+    (``result`` is then the exception).  ``args``/``kwargs`` are the task's arguments."""
 
 
 @hookspec

@@ -28,10 +28,13 @@ class TestTransports(TransportContract):
         return REGISTRY.create("transport", request.param, {})
 
 
+RESOLVER_OPTIONS = {"xmlrpc": {"url": "http://127.0.0.1:9/RPC2"}}
+
+
 class TestResolvers(ResolverContract):
     @pytest.fixture(params=_all("resolver"))
     def resolver(self, request: pytest.FixtureRequest) -> Any:
-        return REGISTRY.create("resolver", request.param, {})
+        return REGISTRY.create("resolver", request.param, RESOLVER_OPTIONS.get(request.param, {}))
 
 
 class TestSinks(SinkContract):
@@ -57,6 +60,6 @@ class TestPolicies(ScalingContract):
 def test_every_kind_has_builtins() -> None:
     assert set(_all("scaling")) == {"fixed", "on-demand", "spare"}
     assert set(_all("serializer")) == {"pickle", "cloudpickle", "json"}
-    assert set(_all("resolver")) == {"methods", "classes", "import", "chain"}
+    assert set(_all("resolver")) == {"methods", "classes", "import", "chain", "xmlrpc"}
     assert set(_all("sink")) == {"callback", "queue", "future"}
     assert set(_all("transport")) == {"pipe"}

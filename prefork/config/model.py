@@ -27,7 +27,7 @@ FORK_FROM: Final = ("forkserver", "direct")
 #: The scalar top-level keys, in the order files and docs list them.
 TOP_LEVEL_KEYS: Final = ("profile", "name", "app", "plugins")
 #: Every key allowed at the top level of a config file.
-ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", "boss_worker", *KINDS)
+ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", "boss_worker", "dispatcher", *KINDS)
 
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
@@ -85,6 +85,20 @@ def _choice(choices: tuple[str, ...]) -> _Validator:
             raise OptionError(attribute.name, value, f"must be {' or '.join(map(repr, choices))}{hint}")
 
     return check
+
+
+def _title_template(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(attribute.name, value, "must be a non-empty string")
+    try:
+        value.format(name="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise OptionError(attribute.name, value, f"must be a title with at most the field {{name}} ({exc!r})") from None
+
+
+def _str(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str):
+        raise OptionError(attribute.name, value, "must be a string")
 
 
 def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -176,6 +190,10 @@ class PoolConfig:
         metadata=_doc("'forkserver': workers fork from a clean copy of the caller made when the pool starts; "
                       "'direct': the supervisor forks them itself"),
     )
+    worker_title: str = attrs.field(
+        default="{name} worker", validator=_title_template,
+        metadata=_doc("process title of a worker; {name} is the config's name"),
+    )
     max_tasks_per_child: int = attrs.field(
         default=0, validator=_int_ge(0), metadata=_doc("recycle a worker after this many tasks (0: never)")
     )
@@ -254,8 +272,34 @@ class BossWorkerConfig:
     )
 
 
+@attrs.frozen(kw_only=True)
+class DispatcherConfig:
+    """The ``[dispatcher]`` table: what the dispatcher profile (``prefork.Dispatcher``)
+    adds to the core.  The seed's other options live where the core keeps them:
+    ``methods`` and ``classes`` are ``resolver.methods`` and ``resolver.classes``,
+    ``upon_result`` is ``sink.callback``, ``max_forks``, ``pre_fork`` and the spawn
+    delay are ``scaling.*``, ``max_requests`` is ``pool.max_tasks_per_child`` and
+    ``fork_name`` is ``name``."""
+
+    alias: str = attrs.field(
+        default="PreforkDispatch", validator=_nonempty_str, metadata=_doc("the dispatcher's name in its log lines")
+    )
+    verbose: int = attrs.field(
+        default=0, validator=_int_ge(0),
+        metadata=_doc("0: warnings and errors reach talkback; 1: also forks and exits; 2: also every request"),
+    )
+    talkback: str | Callable[..., Any] = attrs.field(
+        default="", validator=_callable_spec(allow_callable=True),
+        metadata=_doc("'module:callable' (or a callable) given each log line (\"\": print to stdout)", "str | callable"),
+    )
+    xmlrpc_server_parent: str = attrs.field(
+        default="", validator=_str,
+        metadata=_doc("URL of an XML-RPC server asked for methods no map or class knows (\"\": none)"),
+    )
+
+
 #: The plain tables of a config file and the class of each.
-TABLES: Final = {"pool": PoolConfig, "boss_worker": BossWorkerConfig}
+TABLES: Final = {"pool": PoolConfig, "boss_worker": BossWorkerConfig, "dispatcher": DispatcherConfig}
 
 
 def _kind(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -315,6 +359,10 @@ class Config:
     boss_worker: BossWorkerConfig = attrs.field(
         factory=BossWorkerConfig, validator=attrs.validators.instance_of(BossWorkerConfig),
         metadata=_doc("the [boss_worker] table"),
+    )
+    dispatcher: DispatcherConfig = attrs.field(
+        factory=DispatcherConfig, validator=attrs.validators.instance_of(DispatcherConfig),
+        metadata=_doc("the [dispatcher] table"),
     )
     scaling: StrategySpec = attrs.field(validator=_spec_of("scaling"), metadata=_doc("how many workers, when to fork and retire them"))
     transport: StrategySpec = attrs.field(validator=_spec_of("transport"), metadata=_doc("how frames move between supervisor and worker"))

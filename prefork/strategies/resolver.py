@@ -8,6 +8,7 @@ resolution.
 from __future__ import annotations
 
 import importlib
+import xmlrpc.client
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -99,6 +100,58 @@ class ImportResolver:
         return target if callable(target) else None
 
 
+class _XmlRpcTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> Any:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+class XmlRpcCall:
+    """A remote method: calling it calls ``name`` on the XML-RPC server at ``url``."""
+
+    __slots__ = ("name", "timeout", "url")
+
+    def __init__(self, url: str, name: str, timeout: float) -> None:
+        self.url = url
+        self.name = name
+        self.timeout = timeout
+
+    def __call__(self, *args: Any) -> Any:
+        transport = _XmlRpcTransport(self.timeout) if self.url.startswith("http:") else None
+        with xmlrpc.client.ServerProxy(self.url, transport=transport, allow_none=True) as proxy:
+            return getattr(proxy, self.name)(*args)
+
+    def __repr__(self) -> str:
+        return f"<XmlRpcCall {self.name} at {self.url}>"
+
+
+def _url(instance: Any, attribute: Any, value: Any) -> None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+        raise OptionError(attribute.name, value, "must be an http:// or https:// URL")
+
+
+@attrs.frozen
+class XmlRpcResolver:
+    """Every public name is a method of an XML-RPC server (the dispatcher seed's
+    server parent): the call is forwarded there, from the worker."""
+
+    name: ClassVar[str] = "xmlrpc"
+    #: every public name resolves (to a remote call): put it last in a chain
+    catch_all: ClassVar[bool] = True
+    url: str = attrs.field(validator=_url, metadata={"doc": "URL of the XML-RPC server, e.g. 'http://127.0.0.1:8000/RPC2'"})
+    timeout: float = attrs.field(default=30.0, converter=float, metadata={"doc": "seconds to wait for the server's answer"})
+
+    def resolve(self, method: str) -> Callable[..., Any] | None:
+        if method.startswith("_"):
+            return None
+        return XmlRpcCall(self.url, method, self.timeout)
+
+
 @attrs.frozen
 class ChainResolver:
     """The methods map, then the classes in order, then ``module:attr`` imports,
@@ -124,5 +177,5 @@ class ChainResolver:
 
 @hookimpl
 def prefork_register_strategies(registry: Any) -> None:
-    for cls in (MethodsResolver, ClassesResolver, ImportResolver, ChainResolver):
+    for cls in (MethodsResolver, ClassesResolver, ImportResolver, XmlRpcResolver, ChainResolver):
         registry.register("resolver", cls)
