@@ -39,6 +39,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Decision",
+    "Dispatcher",
     "Executor",
     "MethodNotFound",
     "MethodResolver",
@@ -60,6 +61,7 @@ __all__ = [
     "WorkerHandle",
     "WorkerInfo",
     "WorkerLost",
+    "XMLRPCFront",
     "__version__",
     "current_worker",
     "hookimpl",
@@ -72,6 +74,10 @@ def __getattr__(name: str) -> Any:
         from prefork.executor import Executor
 
         return Executor
+    if name in ("Dispatcher", "XMLRPCFront"):
+        from prefork import dispatcher
+
+        return getattr(dispatcher, name)
     if name in ("BossWorker", "QueueFull"):
         from prefork import bossworker
 

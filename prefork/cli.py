@@ -88,10 +88,21 @@ def _run_boss_worker(config: Config, app: Callable[..., Any]) -> Any:
         boss.shut_down()
 
 
+def _run_dispatcher(config: Config, app: Callable[..., Any]) -> Any:
+    from prefork.dispatcher import Dispatcher
+
+    dispatcher = Dispatcher.from_config(config)
+    try:
+        return app(dispatcher)
+    finally:
+        dispatcher.shutdown()
+
+
 #: How ``prefork run`` builds the pool of each profile and hands it to the app.
 RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
     "executor": _run_executor,
     "boss-worker": _run_boss_worker,
+    "dispatcher": _run_dispatcher,
 }
 
 

@@ -1,0 +1,381 @@
+"""``prefork.Dispatcher``: POE::Component::PreforkDispatch on the prefork core.
+
+A FIFO queue of requests ``{"method_name" | "method", "params", "upon_result"}``
+handed to a pool that grows on demand (the core's ``on-demand`` policy);
+methods found through the core's resolvers (the request's own callable, the
+``methods`` map, each of ``classes``, then the XML-RPC server parent); each
+result handed to a callback in the caller (the core's callback sink) as
+``(request, response)`` with ``request["elapsed"]`` set.  The seed's special
+methods ``_precall``, ``_postcall``, ``_fork_preinit``, ``_fork_postinit`` and
+``_fork_init`` run through the core's lifecycle hooks, so a plugin can provide
+them too.  With no fork allowed (``max_forks=0``) requests run synchronously.
+
+:class:`XMLRPCFront` serves the dispatcher over HTTP with the standard
+library's XML-RPC server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from socketserver import ThreadingMixIn
+from typing import Any
+from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
+
+import attrs
+
+from prefork._hooks import hookimpl
+from prefork._supervisor import Supervisor
+from prefork._task import Task
+from prefork.config import Config, load_config
+from prefork.strategies.resolver import MethodResolver, XmlRpcResolver, import_object
+from prefork.strategies.sink import CallbackSink
+
+__all__ = ["Dispatcher", "XMLRPCFront"]
+
+log = logging.getLogger("prefork")
+
+_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+_REQUEST_KEYS = frozenset({"method_name", "method", "params", "upon_result", "from"})
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+class _SpecialMethods:
+    """The seed's special methods, found like any other method, run from the core's hooks."""
+
+    def __init__(self, resolver: MethodResolver) -> None:
+        self._resolver = resolver
+        self._found: dict[str, Callable[..., Any] | None] = {}
+
+    def _method(self, name: str) -> Callable[..., Any] | None:
+        if name not in self._found:
+            try:
+                self._found[name] = _special(self._resolver, name)
+            except Exception:
+                self._found[name] = None
+        return self._found[name]
+
+    def _run(self, name: str, *args: Any) -> None:
+        fn = self._method(name)
+        if fn is not None:
+            fn(*args)
+
+    @hookimpl
+    def prefork_before_fork(self) -> None:
+        self._run("_fork_preinit")
+
+    @hookimpl
+    def prefork_after_fork(self) -> None:
+        self._run("_fork_postinit")
+
+    @hookimpl
+    def prefork_worker_init(self) -> None:
+        self._run("_fork_init")
+
+    @hookimpl
+    def prefork_before_call(self, args: tuple[Any, ...]) -> None:
+        self._run("_precall", *args)
+
+    @hookimpl
+    def prefork_after_call(self, args: tuple[Any, ...]) -> None:
+        self._run("_postcall", *args)
+
+
+def _special(resolver: MethodResolver, name: str) -> Callable[..., Any] | None:
+    """Special names start with ``_``, which resolvers hide: look in the map and classes directly."""
+    methods = getattr(resolver, "methods", {}) or {}
+    target = methods.get(name)
+    if isinstance(target, str):
+        target = import_object(target)
+    if callable(target):
+        return target  # type: ignore[no-any-return]
+    for holder in getattr(resolver, "classes", ()) or ():
+        if isinstance(holder, str):
+            holder = import_object(holder)
+        target = getattr(holder, name, None)
+        if callable(target):
+            return target  # type: ignore[no-any-return]
+    return None
+
+
+class _Talkback:
+    """The dispatcher's log lines, at its ``verbose`` level, to its ``talkback``."""
+
+    def __init__(self, alias: str, verbose: int, talkback: Callable[[str], Any]) -> None:
+        self.alias = alias
+        self.level = _LEVELS.get(verbose, logging.DEBUG)
+        self.talkback = talkback
+
+    def say(self, level: int, message: str) -> None:
+        if level >= self.level:
+            try:
+                self.talkback(f"[{self.alias}] {message}")
+            except Exception:
+                log.exception("the talkback function failed")
+
+    @hookimpl
+    def prefork_log(self, level: int, message: str) -> None:
+        self.say(level, message)
+
+
+class Dispatcher:
+    """A preforking request dispatcher (see the module docstring).
+
+    Every argument may also come from a ``prefork.toml`` given as ``config``
+    (profile ``dispatcher``); keyword arguments win.
+    """
+
+    def __init__(
+        self,
+        methods: Mapping[str, Any] | None = None,
+        classes: Sequence[Any] | None = None,
+        upon_result: Callable[..., Any] | None = None,
+        max_forks: int | None = None,
+        pre_fork: int | None = None,
+        max_requests: int | None = None,
+        verbose: int | None = None,
+        talkback: Callable[[str], Any] | str | None = None,
+        fork_name: str | None = None,
+        alias: str | None = None,
+        *,
+        spawn_delay: float | None = None,
+        xmlrpc_server_parent: str | None = None,
+        config: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        kw: dict[str, Any] = dict(overrides or {})
+        if config is None:
+            kw.setdefault("profile", "dispatcher")
+        for key, value in (
+            ("resolver.methods", dict(methods) if methods is not None else None),
+            ("resolver.classes", list(classes) if classes is not None else None),
+            ("scaling.max_forks", max_forks),
+            ("scaling.pre_fork", pre_fork),
+            ("scaling.spawn_delay", spawn_delay),
+            ("pool.max_tasks_per_child", max_requests),
+            ("dispatcher.verbose", verbose),
+            ("dispatcher.talkback", talkback),
+            ("dispatcher.alias", alias),
+            ("dispatcher.xmlrpc_server_parent", xmlrpc_server_parent),
+            ("name", fork_name),
+        ):
+            if value is not None:
+                kw[key] = value
+        if max_forks is not None and pre_fork is None and max_forks < 2:
+            kw["scaling.pre_fork"] = max_forks  # the profile's pre_fork = 2 cannot exceed max_forks
+        self._setup(load_config(config, kw), upon_result)
+
+    @classmethod
+    def from_config(cls, config: Config, upon_result: Callable[..., Any] | None = None) -> Dispatcher:
+        """A dispatcher built from an already loaded :class:`Config` (as ``prefork run`` does)."""
+        self = cls.__new__(cls)
+        self._setup(config, upon_result)
+        return self
+
+    def _setup(self, config_obj: Config, upon_result: Callable[..., Any] | None) -> None:
+        opts = config_obj.dispatcher
+        self.alias = opts.alias
+        self._upon_result = upon_result
+        if self._upon_result is None and config_obj.sink.name == "callback":
+            cb = config_obj.sink.options.get("callback")
+            self._upon_result = import_object(cb) if isinstance(cb, str) else cb
+        line = opts.talkback or _print_line
+        self._talk = _Talkback(opts.alias, opts.verbose, import_object(line) if isinstance(line, str) else line)
+        resolver = config_obj.create("resolver")
+        if opts.xmlrpc_server_parent:
+            parent = XmlRpcResolver(opts.xmlrpc_server_parent)
+            resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent)) if hasattr(resolver, "extra") else resolver
+        pm = config_obj.plugin_manager
+        pm.register(_SpecialMethods(resolver), name=f"dispatcher-special-methods-{id(self)}")
+        pm.register(self._talk, name=f"dispatcher-talkback-{id(self)}")
+        self._sup = Supervisor(config_obj, sink=CallbackSink(self._deliver), resolver=resolver)
+        self._sup.start()
+        self._talk.say(logging.INFO, f"dispatcher started ({config_obj.scaling.name} scaling)")
+
+    # -- requests ----------------------------------------------------------------------
+
+    def new_request(self, request: dict[str, Any]) -> int:
+        """Queue a request; returns its id.  The request dict is handed back to the
+        callback with ``elapsed`` added."""
+        if not isinstance(request, dict):
+            raise TypeError(f"new_request: a request is a dict, not {type(request).__name__}")
+        unknown = set(request) - _REQUEST_KEYS - {"elapsed"}
+        if unknown:
+            raise ValueError(f"new_request: unknown key(s) {sorted(unknown)}; a request has {sorted(_REQUEST_KEYS)}")
+        method = request.get("method")
+        if method is None:
+            method = request.get("method_name")
+            if not isinstance(method, str) or not method:
+                raise ValueError("new_request: the request needs a 'method' (callable) or a 'method_name' (string)")
+        elif not callable(method):
+            raise TypeError(f"new_request: 'method' must be callable, not {type(method).__name__}")
+        params = request.get("params", [])
+        if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+            raise TypeError(f"new_request: 'params' must be a list, not {type(params).__name__}")
+        callback = request.get("upon_result")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"new_request: 'upon_result' must be callable, not {type(callback).__name__}")
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        task_id: int = self._sup.submit(method, (request.get("from"), *params), context=(request, loop))
+        self._talk.say(logging.DEBUG, f"request {task_id} queued: {_describe(method)}")
+        return task_id
+
+    async def call(self, method: str | Callable[..., Any], *params: Any, from_: Any = None) -> Any:
+        """Dispatch one request and await its response (``{"error": ...}`` on failure)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+
+        def settle(request: dict[str, Any], response: Any) -> None:
+            if not fut.done():
+                fut.set_result(response)
+
+        key = "method" if callable(method) else "method_name"
+        self.new_request({key: method, "params": list(params), "from": from_, "upon_result": _in_loop(loop, settle)})
+        return await fut
+
+    def _deliver(self, task: Task, ok: bool, value: Any) -> None:
+        """Runs in the supervisor thread for each finished request."""
+        request, loop = task.context
+        request["elapsed"] = task.elapsed
+        response = value if ok else {"error": _error_text(value)}
+        self._talk.say(
+            logging.DEBUG if ok else logging.WARNING,
+            f"request {task.id} {'done' if ok else 'failed: ' + response['error']} in {task.elapsed:.3f} s",
+        )
+        cb = request.get("upon_result") or self._upon_result
+        if cb is None:
+            return
+        if inspect.iscoroutinefunction(cb):
+            if loop is None or loop.is_closed():
+                log.error("request %s: upon_result %r is a coroutine function but no event loop was running "
+                          "when the request was made", task.id, cb)
+                return
+            future = asyncio.run_coroutine_threadsafe(cb(request, response), loop)
+            future.add_done_callback(_log_failure)
+            return
+        cb(request, response)  # an exception here is logged by the callback sink
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Answer every queued request, then stop the workers."""
+        self._sup.shutdown(wait=wait)
+        self._talk.say(logging.INFO, "dispatcher stopped")
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def pids(self) -> list[int]:
+        """The pids of the live workers."""
+        return self._sup.pids()
+
+    def stats(self) -> dict[str, int]:
+        return self._sup.stats()
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None]) -> Callable[..., None]:
+    def call(*args: Any) -> None:
+        loop.call_soon_threadsafe(fn, *args)
+
+    return call
+
+
+def _log_failure(future: Any) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("an upon_result coroutine failed", exc_info=exc)
+
+
+def _describe(method: Any) -> str:
+    return method if isinstance(method, str) else getattr(method, "__qualname__", repr(method))
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    name = getattr(exc, "type_name", type(exc).__name__)
+    return text if name in ("WorkerLost", "TaskTimeout", "MethodNotFound") else f"{name}: {text}"
+
+
+# -- the XML-RPC front ----------------------------------------------------------------
+
+
+class _Handler(SimpleXMLRPCRequestHandler):
+    rpc_paths = ("/", "/RPC2")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("xmlrpc: " + format, *args)
+
+
+class _ThreadedServer(ThreadingMixIn, SimpleXMLRPCServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Forwarder:
+    def __init__(self, dispatcher: Dispatcher, timeout: float | None) -> None:
+        self.dispatcher = dispatcher
+        self.timeout = timeout
+
+    def _dispatch(self, method: str, params: tuple[Any, ...]) -> Any:
+        import xmlrpc.client
+
+        done = threading.Event()
+        box: list[Any] = []
+
+        def settle(request: dict[str, Any], response: Any) -> None:
+            box.append(response)
+            done.set()
+
+        self.dispatcher.new_request({"method_name": method, "params": list(params), "upon_result": settle})
+        if not done.wait(self.timeout):
+            raise xmlrpc.client.Fault(2, f"{method}: no answer within {self.timeout} s")
+        response = box[0]
+        if isinstance(response, dict) and set(response) == {"error"}:
+            raise xmlrpc.client.Fault(1, str(response["error"]))
+        return response
+
+
+class XMLRPCFront:
+    """Serve a :class:`Dispatcher` over XML-RPC: each call becomes a request whose
+    response is the call's return value (an error becomes an XML-RPC Fault)."""
+
+    def __init__(self, dispatcher: Dispatcher, host: str = "127.0.0.1", port: int = 0, timeout: float | None = 60.0) -> None:
+        self.server = _ThreadedServer((host, port), requestHandler=_Handler, allow_none=True, logRequests=False)
+        self.server.register_instance(_Forwarder(dispatcher, timeout))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}/RPC2"
+
+    def start(self) -> XMLRPCFront:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(target=self.server.serve_forever, name="prefork-xmlrpc", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> XMLRPCFront:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
