@@ -359,3 +359,37 @@ def test_unknown_names_go_to_the_xmlrpc_server_parent() -> None:
     assert got[0]["sum"] == 3
     assert got[1] == "parent saw hi from me"
     assert "not_there_either" in got[2]["error"] and "Fault" in got[2]["error"]
+
+
+def die(sender: Any, code: int) -> None:
+    os._exit(code)
+
+
+def test_a_dying_worker_fails_only_its_request() -> None:
+    results = Results()
+    with Dispatcher(methods={"die": die, "add": add}, upon_result=results, max_forks=1, pre_fork=1) as d:
+        d.new_request({"method_name": "die", "params": [3]})
+        d.new_request({"method_name": "add", "params": [1, 1]})
+        got = [resp for _, resp in results.wait(2)]
+    assert "died while running the task (exit code 3)" in got[0]["error"]
+    assert got[1]["sum"] == 2
+
+
+def test_prefork_run_starts_a_dispatcher_app_from_a_file(tmp_path: Path) -> None:
+    (tmp_path / "calc.py").write_text(
+        "import threading\n"
+        "def add(sender, a, b):\n    return a + b\n"
+        "def main(d):\n"
+        "    done = threading.Event(); out = []\n"
+        "    d.new_request({'method_name': 'add', 'params': [2, 3], 'upon_result': lambda r, x: (out.append(x), done.set())})\n"
+        "    done.wait(10)\n"
+        "    print('sum', out[0])\n"
+    )
+    (tmp_path / "prefork.toml").write_text(
+        'profile = "dispatcher"\nname = "calcd"\napp = "calc:main"\n'
+        '[resolver]\nname = "chain"\nmethods = { add = "calc:add" }\n[scaling]\npre_fork = 1\nmax_forks = 2\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "prefork", "run"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "sum 5" in out.stdout
