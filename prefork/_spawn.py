@@ -20,6 +20,7 @@ handler is needed.  Events come back as tuples:
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import selectors
@@ -30,7 +31,7 @@ from typing import Any, NoReturn
 
 from prefork._proctitle import set_title
 from prefork._task import WorkerInfo
-from prefork._worker import WorkerContext, close_fds, reset_signals, run_worker
+from prefork._worker import ForkedChild, WorkerContext, close_fds, leave, prepare, reset_signals, run_worker
 
 Event = tuple[Any, ...]
 
@@ -45,6 +46,12 @@ def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket
     pid = os.fork()
     if pid == 0:
         parent_sock.close()
+        if ctx.return_in_child:
+            handle = prepare(ctx, info, child_sock, me)
+            if isinstance(handle, int):
+                os._exit(handle)
+            atexit.register(leave, ctx, info, "the child's code ended")
+            raise ForkedChild(handle)
         run_worker(ctx, info, child_sock, me)
     child_sock.close()
     info.pid = pid

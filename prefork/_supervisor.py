@@ -29,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import random
 import selectors
 import signal
 import threading
@@ -120,7 +121,10 @@ class Supervisor:
     """Owns a pool of workers built from a :class:`prefork.config.Config`.
 
     ``sink`` and ``resolver`` default to the config's strategies; ``initializer``
-    overrides the config's.  ``threaded=False`` leaves the loop to the caller (``step``).
+    overrides the config's.  With ``body`` the workers feed themselves (the MPM
+    profile): each runs ``body(*body_args)`` and reports busy/idle through the
+    scoreboard; ``return_in_child`` (direct forks only) makes a new worker return
+    into the caller's code instead (``ForkedChild`` is raised in the child).  ``threaded=False`` leaves the loop to the caller (``step``).
     """
 
     def __init__(
@@ -132,6 +136,10 @@ class Supervisor:
         initializer: Any = None,
         initargs: tuple[Any, ...] | None = None,
         threaded: bool = True,
+        body: Any = None,
+        body_args: tuple[Any, ...] = (),
+        child_signals: dict[int, Any] | None = None,
+        return_in_child: bool = False,
     ) -> None:
         self.config = config
         pool = config.pool
@@ -153,6 +161,11 @@ class Supervisor:
             finalizer = import_object(finalizer)
         self.max_workers = self.policy.max_workers()
         self.max_tasks = pool.max_tasks_per_child
+        self.max_tasks_jitter = pool.max_tasks_jitter
+        self.graceful_timeout = pool.graceful_timeout
+        self.body = body
+        self.events = 0  #: spawns, exits, data, readiness and idle/busy changes seen so far
+        self._states: tuple[int, ...] = ()
         self.default_timeout = pool.task_timeout or None
         self.prefetch = pool.prefetch
         self.kill_grace = pool.kill_grace
@@ -172,7 +185,13 @@ class Supervisor:
             initializer=initializer,
             initargs=initargs,
             finalizer=finalizer,
-            max_tasks=self.max_tasks,
+            max_tasks=self.max_tasks if body is not None else 0,
+            max_tasks_jitter=self.max_tasks_jitter,
+            max_rss_mb=pool.max_rss_mb,
+            body=body,
+            body_args=tuple(body_args),
+            child_signals=dict(child_signals or {}),
+            return_in_child=return_in_child,
         )
         self.queue: deque[Task] = deque()
         self._tasks: dict[int, Task] = {}  # in flight, by id
@@ -204,7 +223,7 @@ class Supervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.ctx.internal_fds.update((self._wake_r, self._wake_w, self._sel.fileno()))
-        if pool.fork_from == "direct":
+        if pool.fork_from == "direct" or return_in_child:
             self.spawner: ForkServer | DirectSpawner = DirectSpawner(self.ctx)
         else:
             self.spawner = ForkServer(self.ctx)
@@ -293,6 +312,8 @@ class Supervisor:
         """Queue one task; returns the sink's handle (a future, the task id...)."""
         if self._closing:
             raise PoolShutDown("cannot schedule new tasks after shutdown")
+        if self.body is not None:
+            raise RuntimeError("this pool's workers feed themselves (a worker body); it takes no tasks")
         if self._broken is not None:
             raise self._broken
         kwargs = kwargs or {}
@@ -344,6 +365,11 @@ class Supervisor:
         else:
             self._dispatch()
         now = time.monotonic()
+        if self.body is not None:
+            states = tuple(self.scoreboard.state(slot) for slot in self._workers)
+            if states != self._states:
+                self._states = states
+                self.events += 1
         self._timers(now)
         for event in self.spawner.take_ready():  # a direct fork is done at once
             self._on_spawner_event(event)
@@ -413,7 +439,10 @@ class Supervisor:
             return
         slot = self._free_slots.pop()
         serial = next(self._serials)
-        w = _Worker(slot, serial, now, self.max_tasks or -1)
+        budget = -1
+        if self.max_tasks and self.body is None:
+            budget = self.max_tasks + (random.randint(0, self.max_tasks_jitter) if self.max_tasks_jitter else 0)
+        w = _Worker(slot, serial, now, budget)
         w.info = WorkerInfo(slot=slot, name=self.config.name, serial=serial)
         self._workers[slot] = w
         self._spawned_total += 1
@@ -422,6 +451,7 @@ class Supervisor:
         self._sync_spawner_fds()
 
     def _on_spawner_event(self, event: tuple[Any, ...]) -> None:
+        self.events += 1
         kind = event[0]
         if kind == "spawned":
             _, slot, serial, pid, sock = event
@@ -479,6 +509,8 @@ class Supervisor:
         except EOFError:
             self._on_eof(w)
             return
+        if frames:
+            self.events += 1
         for frame in frames:
             kind = frame[0]
             if kind == _frames.RESULTS:
@@ -604,6 +636,8 @@ class Supervisor:
                 if w.budget > 0:
                     w.budget -= len(items)
                 w.channel.send(_frames.encode_calls(items))
+                if w.budget == 0:  # its last tasks: STOP follows them, the replacement forks now
+                    self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})")
                 if w.channel.wants_write():
                     self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
             if not queue:
@@ -684,6 +718,11 @@ class Supervisor:
                 return w
         return None
 
+    def _is_idle(self, w: _Worker) -> bool:
+        if self.body is not None:
+            return self.scoreboard.state(w.slot) == _scoreboard.IDLE
+        return not w.inflight
+
     def _retire(self, w: _Worker, reason: str, kill: bool = False) -> None:
         if w.state != RETIRING:
             w.state = RETIRING
@@ -692,6 +731,11 @@ class Supervisor:
             if w.pid:
                 self.spawner.signal(w.pid, signal.SIGTERM)
             w.kill_at = min(w.kill_at, time.monotonic() + self.kill_grace)
+        elif self.body is not None:  # a self-feeding worker reads no frames: SIGTERM asks it to leave
+            if not w.stop_sent and w.pid:
+                w.stop_sent = True
+                self.spawner.signal(w.pid, signal.SIGTERM)
+                w.kill_at = min(w.kill_at, time.monotonic() + self.graceful_timeout)
         elif not w.stop_sent and w.channel is not None and not w.eof:
             w.stop_sent = True
             w.channel.send(_frames.STOP_FRAME)
@@ -701,17 +745,19 @@ class Supervisor:
             return
         alive = booting = idle = busy = 0
         longest_idle = 0.0
+        board = self.scoreboard
         for w in self._workers.values():
             if w.state == RETIRING:
                 continue
             alive += 1
             if w.state == BOOTING:
                 booting += 1
-            elif w.inflight:
+            elif w.inflight or (self.body is not None and board.state(w.slot) == _scoreboard.BUSY):
                 busy += 1
             else:
                 idle += 1
-                longest_idle = max(longest_idle, now - w.idle_since)
+                since = board.since(w.slot) if self.body is not None else w.idle_since
+                longest_idle = max(longest_idle, now - since)
         if self._closing and not self.queue:
             return
         stats = PoolStats(
@@ -729,7 +775,7 @@ class Supervisor:
             self._next_tick = min(self._next_tick, self._spawn_not_before)
         if decision.retire:
             idle_workers = sorted(
-                (w for w in self._workers.values() if w.state == READY and not w.inflight),
+                (w for w in self._workers.values() if w.state == READY and self._is_idle(w)),
                 key=lambda w: w.idle_since,
             )
             for w in idle_workers[: decision.retire]:

@@ -1,15 +1,18 @@
 """The worker: everything that happens in a child after the fork.
 
-``run_worker`` never returns: it resets what the child inherited (signal
-handlers, process group, title), runs the init hooks and the initializer, says
-READY, then loops on CALLS frames until STOP, end of stream, or its task budget.
-It always leaves through ``os._exit`` with a named code.
+``run_worker`` never returns: ``prepare`` resets what the child inherited
+(signal handlers, process group, title), runs the init hooks and the
+initializer and says READY; then the worker either loops on CALLS frames until
+STOP or end of stream (its task budget is the supervisor's business), or runs a
+self-feeding body (the MPM profile) that reports busy/idle through the
+scoreboard.  It always leaves through ``os._exit`` with a named code.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import sys
 import time
@@ -31,6 +34,7 @@ EXIT_OK: Final = 0
 EXIT_BOOT_FAILED: Final = 3  #: init hook or initializer raised: the pool counts it
 EXIT_INTERNAL: Final = 4  #: prefork itself failed in the worker
 EXIT_FINALIZER_FAILED: Final = 5  #: the finalizer raised (its traceback is on stderr)
+EXIT_BODY_FAILED: Final = 6  #: a self-feeding body raised (its traceback is on stderr)
 
 _PR_SET_PDEATHSIG: Final = 1
 _FLUSH_AGE: Final = 0.0005  #: buffered results older than this are sent before the next task
@@ -51,20 +55,42 @@ class WorkerContext:
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
     finalizer: Callable[[], Any] | None = None
+    #: self-feeding workers (MPM): recycle after this many requests (+ 0..jitter), or this much growth
     max_tasks: int = 0
+    max_tasks_jitter: int = 0
+    max_rss_mb: float = 0.0
+    #: a self-feeding body, ``body(*body_args)``, run instead of the call loop
+    body: Callable[..., Any] | None = None
+    body_args: tuple[Any, ...] = ()
+    #: signal handlers installed in each worker: signal number -> callable, SIG_DFL or SIG_IGN
+    child_signals: dict[int, Any] = attrs.field(factory=dict)
+    #: fork in the supervisor and return into the caller's code in the child (MPM kid_new)
+    return_in_child: bool = False
     #: file descriptors of the supervisor's own plumbing, closed in every child
     internal_fds: set[int] = attrs.field(factory=set)
 
 
 class WorkerHandle:
-    """What code running in a worker can ask of prefork: ``prefork.current_worker()``."""
+    """What code running in a worker can ask of prefork: ``prefork.current_worker()``.
 
-    __slots__ = ("_channel", "_serializer", "info")
+    ``yell`` works in every worker.  ``busy``, ``idle`` and ``exit`` are for
+    self-feeding workers (the MPM profile), whose body finds its own work.
+    """
 
-    def __init__(self, info: WorkerInfo, channel: ChildChannel, serializer: Serializer) -> None:
+    __slots__ = ("_base", "_budget", "_channel", "_ctx", "_rss_base", "_words", "info", "leaving", "requests")
+
+    def __init__(self, ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> None:
         self.info = info
+        self._ctx = ctx
         self._channel = channel
-        self._serializer = serializer
+        self._words = ctx.scoreboard.words
+        self._base = info.slot * _scoreboard.WORDS
+        self.requests = 0  #: busy -> idle cycles so far
+        jitter = random.randint(0, ctx.max_tasks_jitter) if ctx.max_tasks_jitter else 0
+        self._budget = ctx.max_tasks + jitter if ctx.max_tasks else 0
+        self._rss_base = 0
+        #: set when the worker should leave at its next idle(), e.g. by a SIGTERM while busy
+        self.leaving = ""
 
     def yell(self, data: Any) -> None:
         """Send ``data`` to the supervisor now; its ``prefork_child_data`` hooks receive it.
@@ -72,11 +98,63 @@ class WorkerHandle:
         Each message arrives whole, whatever its size, and never interleaves with
         another worker's.  Raises ``TypeError`` when the serializer refuses ``data``.
         """
+        self._channel.send(_frames.encode_data(self._dump(data), None))
+
+    def _dump(self, data: Any) -> bytes:
+        ser = self._ctx.serializer
         try:
-            payload = self._serializer.dumps(data)
+            return ser.dumps(data)
         except Exception as exc:
-            raise TypeError(f"yell: {type(data).__name__} cannot be serialized with {self._serializer.name!r}: {exc}") from exc
-        self._channel.send(_frames.encode_data(payload, None))
+            raise TypeError(f"yell: {type(data).__name__} cannot be serialized with {ser.name!r}: {exc}") from exc
+
+    def busy(self) -> None:
+        """Tell the supervisor this worker is busy (a memory write, no system call)."""
+        self._words[self._base + _scoreboard.STATE] = _scoreboard.BUSY
+        self._words[self._base + _scoreboard.SINCE] = time.monotonic_ns()
+
+    def idle(self) -> None:
+        """Tell the supervisor this worker is idle again; leave here when its request
+        budget, its memory limit or a pending stop says so."""
+        self._words[self._base + _scoreboard.STATE] = _scoreboard.IDLE
+        self._words[self._base + _scoreboard.SINCE] = time.monotonic_ns()
+        self.requests += 1
+        if not self.leaving and self._budget and self.requests >= self._budget:
+            self.leaving = f"max_tasks_per_child reached ({self.requests} requests)"
+        if not self.leaving and self._ctx.max_rss_mb and self._rss_base:
+            grown = (_rss_bytes() - self._rss_base) / 2**20
+            if grown > self._ctx.max_rss_mb:
+                self.leaving = f"memory grew by {grown:.0f} MiB since boot (max_rss_mb = {self._ctx.max_rss_mb:g})"
+        if self.leaving:
+            self.exit(0, reason=self.leaving)
+
+    def exit(self, code: int = 0, data: Any = None, reason: str = "exit() called") -> NoReturn:
+        """Leave now: send ``data`` (if any) with the exit code, announce the exit,
+        run the finalizer and exit hooks, and exit with ``code`` (0-255)."""
+        try:
+            if data is not None:
+                self._channel.send(_frames.encode_data(self._dump(data), code & 0xFF))
+            self._channel.send(bytes([_frames.LEAVING]) + reason.encode())
+        except OSError:
+            pass  # the supervisor is gone
+        self._words[self._base + _scoreboard.STATE] = _scoreboard.EXITING
+        raise SystemExit(code & 0xFF)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class ForkedChild(BaseException):
+    """Raised in a new worker forked with ``return_in_child``: it unwinds the
+    supervisor's frames so the caller's own code continues in the child."""
+
+    def __init__(self, handle: WorkerHandle) -> None:
+        super().__init__("a forked child returning into the caller's code")
+        self.handle = handle
 
 
 _current: WorkerHandle | None = None
@@ -147,12 +225,15 @@ def run_worker(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int)
         os._exit(code)
 
 
-def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> int:
+def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> WorkerHandle | int:
+    """Everything between the fork and READY; an int is an exit code (boot failed)."""
     set_parent_death_signal()
     if os.getppid() != parent_pid:
         return EXIT_OK  # the parent died while we were being forked
     close_fds(ctx.internal_fds, sock.fileno())
     reset_signals()
+    for signum, handler in ctx.child_signals.items():
+        signal.signal(signum, handler)
     try:
         os.setpgid(0, 0)  # our own group: a kill reaches what the task forked too
     except OSError:
@@ -161,9 +242,7 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
     set_title(ctx.title)
     channel = ctx.transport.child_channel(sock)
     global _current
-    _current = WorkerHandle(info, channel, ctx.serializer)
-    board = ctx.scoreboard
-    slot = info.slot
+    handle = _current = WorkerHandle(ctx, info, channel)
     try:
         ctx.hook.prefork_worker_init(worker=info)
         if ctx.initializer is not None:
@@ -174,14 +253,47 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
         except OSError:
             pass
         return EXIT_BOOT_FAILED
-    board.set_state(slot, _scoreboard.IDLE)
+    ctx.scoreboard.set_state(info.slot, _scoreboard.IDLE)
     try:
         channel.send(_frames.READY_FRAME)
-        reason = _call_loop(ctx, info, channel)
+    except (BrokenPipeError, ConnectionResetError):
+        return EXIT_OK  # the supervisor gave up on us while we booted
+    handle._rss_base = _rss_bytes()
+    return handle
+
+
+def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> int:
+    handle = prepare(ctx, info, sock, parent_pid)
+    if isinstance(handle, int):
+        return handle
+    if ctx.body is not None:
+        return _run_body(ctx, info, handle)
+    try:
+        reason = _call_loop(ctx, info, handle._channel)
     except (BrokenPipeError, ConnectionResetError):
         reason = "the supervisor closed the channel"
-    board.set_state(slot, _scoreboard.EXITING)
+    ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
     return leave(ctx, info, reason)
+
+
+def _run_body(ctx: WorkerContext, info: WorkerInfo, handle: WorkerHandle) -> int:
+    """A self-feeding worker: its body finds its own work; returning ends the worker."""
+    assert ctx.body is not None
+    code = EXIT_OK
+    reason = "its body returned"
+    try:
+        ctx.body(*ctx.body_args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        reason = handle.leaving or "exit() called"
+    except (BrokenPipeError, ConnectionResetError):
+        reason = "the supervisor closed the channel"
+    except BaseException:
+        print(f"prefork: the body of worker {info.pid} failed:", file=sys.stderr)
+        traceback.print_exc()
+        return EXIT_BODY_FAILED
+    ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
+    return leave(ctx, info, reason) or code
 
 
 def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
@@ -205,7 +317,6 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
     caller = Caller(ctx.serializer, ctx.resolver, ctx.hook, info)
     words = ctx.scoreboard.words
     base = info.slot * _scoreboard.WORDS
-    budget = ctx.max_tasks or -1
     monotonic = time.monotonic
     monotonic_ns = time.monotonic_ns
     recv = channel.recv
@@ -239,13 +350,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
             if monotonic() - now_ns / 1e9 > _FLUSH_SLOW:
                 send(head + b"".join(out))
                 out = []
-            budget -= 1
-            if budget == 0:
-                break
         words[base + _scoreboard.STATE] = _scoreboard.IDLE
         words[base + _scoreboard.SINCE] = monotonic_ns()
         if out:
             send(head + b"".join(out))
-        if budget == 0:
-            send(bytes([_frames.LEAVING]) + b"max_tasks_per_child reached")
-            return "max_tasks_per_child reached"

@@ -197,6 +197,19 @@ class PoolConfig:
     max_tasks_per_child: int = attrs.field(
         default=0, validator=_int_ge(0), metadata=_doc("recycle a worker after this many tasks (0: never)")
     )
+    max_tasks_jitter: int = attrs.field(
+        default=0, validator=_int_ge(0),
+        metadata=_doc("add 0..this many to each worker's max_tasks_per_child, so workers do not all recycle at once"),
+    )
+    max_rss_mb: float = attrs.field(
+        default=0.0, converter=_as_float, validator=_seconds(0),
+        metadata=_doc("a self-feeding worker (mpm) whose memory grew by more than this many MiB since it booted "
+                      "leaves at its next idle() (0: no limit)"),
+    )
+    graceful_timeout: float = attrs.field(
+        default=30.0, converter=_as_float, validator=_seconds(0, strict=True),
+        metadata=_doc("seconds a self-feeding worker told to leave (SIGTERM) may take before SIGKILL"),
+    )
     task_timeout: float = attrs.field(
         default=0.0, converter=_as_float, validator=_seconds(0),
         metadata=_doc("seconds a task may run before its worker is killed (0: no limit)"),
