@@ -240,6 +240,14 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
     ctx.internal_fds.clear()
     ctx.internal_fds.add(sock.fileno())
     reset_signals()
+    # Signals sent to the caller's process group (Ctrl-C, `timeout`, `kill -- -pgid`) are the
+    # supervisor's to act on; this server leaves when the supervisor's socket closes.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        ctx.restore_signals[sig] = signal.signal(sig, signal.SIG_IGN)  # workers get them back
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     set_title(f"{ctx.name} forkserver")
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ, None)

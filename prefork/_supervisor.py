@@ -164,7 +164,10 @@ class Supervisor:
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
         self.body = body
+        #: workers find their own work (a body, or the caller's code after kid_new) and read no frames
+        self.self_feeding = body is not None or return_in_child
         self.events = 0  #: spawns, exits, data, readiness and idle/busy changes seen so far
+        self.last_spawned = 0  #: pid of the newest worker
         self._states: tuple[int, ...] = ()
         self.default_timeout = pool.task_timeout or None
         self.prefetch = pool.prefetch
@@ -185,7 +188,7 @@ class Supervisor:
             initializer=initializer,
             initargs=initargs,
             finalizer=finalizer,
-            max_tasks=self.max_tasks if body is not None else 0,
+            max_tasks=self.max_tasks if body is not None or return_in_child else 0,
             max_tasks_jitter=self.max_tasks_jitter,
             max_rss_mb=pool.max_rss_mb,
             body=body,
@@ -312,7 +315,7 @@ class Supervisor:
         """Queue one task; returns the sink's handle (a future, the task id...)."""
         if self._closing:
             raise PoolShutDown("cannot schedule new tasks after shutdown")
-        if self.body is not None:
+        if self.self_feeding:
             raise RuntimeError("this pool's workers feed themselves (a worker body); it takes no tasks")
         if self._broken is not None:
             raise self._broken
@@ -365,7 +368,7 @@ class Supervisor:
         else:
             self._dispatch()
         now = time.monotonic()
-        if self.body is not None:
+        if self.self_feeding:
             states = tuple(self.scoreboard.state(slot) for slot in self._workers)
             if states != self._states:
                 self._states = states
@@ -383,7 +386,7 @@ class Supervisor:
         for w in self._workers.values():
             if w.kill_at < math.inf:
                 wait = min(wait, w.kill_at - now)
-            if w.state == BOOTING:
+            if w.state == BOOTING and not w.stop_sent:
                 wait = min(wait, w.spawned_at + self.boot_timeout - now)
         if self._closing:
             wait = min(wait, 0.05)
@@ -417,9 +420,8 @@ class Supervisor:
             self._fork_server_lost()
 
     def _fork_server_lost(self) -> None:
-        if self._closing:
-            return
-        self._log(logging.ERROR, "the fork server died; its workers die with it; starting a new one")
+        restart = not self._closing
+        self._log(logging.ERROR, "the fork server died; its workers die with it" + ("; starting a new one" if restart else ""))
         self._sync_spawner_fds()  # the dead server watches nothing any more
         for w in list(self._workers.values()):
             w.lost = True  # no exit status will come: judge each at end of stream
@@ -428,6 +430,8 @@ class Supervisor:
             elif w.eof:
                 self._judge(w)
         self.spawner.stop()
+        if not restart:
+            return
         self.spawner = ForkServer(self.ctx)
         self.spawner.start()
         self._sync_spawner_fds()
@@ -440,7 +444,7 @@ class Supervisor:
         slot = self._free_slots.pop()
         serial = next(self._serials)
         budget = -1
-        if self.max_tasks and self.body is None:
+        if self.max_tasks and not self.self_feeding:
             budget = self.max_tasks + (random.randint(0, self.max_tasks_jitter) if self.max_tasks_jitter else 0)
         w = _Worker(slot, serial, now, budget)
         w.info = WorkerInfo(slot=slot, name=self.config.name, serial=serial)
@@ -460,6 +464,7 @@ class Supervisor:
                 sock.close()  # we gave up on it; the exit will come
                 return
             w.pid = pid
+            self.last_spawned = pid
             assert w.info is not None
             w.info.pid = pid
             self._by_pid[pid] = w
@@ -690,6 +695,9 @@ class Supervisor:
                 w.boot_error = w.boot_error or f"the worker did not finish booting within boot_timeout = {self.boot_timeout:g} s"
                 if w.pid:
                     self.spawner.signal(w.pid, signal.SIGKILL)
+                else:  # the fork never came back
+                    self._release(w)
+                    self._boot_failed(f"no worker was forked within boot_timeout = {self.boot_timeout:g} s")
         if now >= self._next_tick or self.queue:
             self._scale(now)
 
@@ -719,7 +727,7 @@ class Supervisor:
         return None
 
     def _is_idle(self, w: _Worker) -> bool:
-        if self.body is not None:
+        if self.self_feeding:
             return self.scoreboard.state(w.slot) == _scoreboard.IDLE
         return not w.inflight
 
@@ -731,7 +739,7 @@ class Supervisor:
             if w.pid:
                 self.spawner.signal(w.pid, signal.SIGTERM)
             w.kill_at = min(w.kill_at, time.monotonic() + self.kill_grace)
-        elif self.body is not None:  # a self-feeding worker reads no frames: SIGTERM asks it to leave
+        elif self.self_feeding:  # a self-feeding worker reads no frames: SIGTERM asks it to leave
             if not w.stop_sent and w.pid:
                 w.stop_sent = True
                 self.spawner.signal(w.pid, signal.SIGTERM)
@@ -752,11 +760,11 @@ class Supervisor:
             alive += 1
             if w.state == BOOTING:
                 booting += 1
-            elif w.inflight or (self.body is not None and board.state(w.slot) == _scoreboard.BUSY):
+            elif w.inflight or (self.self_feeding and board.state(w.slot) == _scoreboard.BUSY):
                 busy += 1
             else:
                 idle += 1
-                since = board.since(w.slot) if self.body is not None else w.idle_since
+                since = board.since(w.slot) if self.self_feeding else w.idle_since
                 longest_idle = max(longest_idle, now - since)
         if self._closing and not self.queue:
             return
@@ -917,13 +925,24 @@ class Supervisor:
         """Pids of the workers alive now."""
         return [w.pid for w in list(self._workers.values()) if w.pid and w.status is None]
 
+    def retire_all(self, reason: str) -> None:
+        """Ask every worker to leave once idle; the policy forks their replacements."""
+        for w in list(self._workers.values()):
+            if w.state != RETIRING:
+                self._retire(w, reason)
+        self._next_tick = 0.0
+        self._wake()
+
     def stats(self) -> dict[str, int]:
         workers = list(self._workers.values())
+        ready = [w for w in workers if w.state == READY]
+        idle = sum(1 for w in ready if self._is_idle(w))
         return {
             "workers": sum(1 for w in workers if w.state != RETIRING),
             "booting": sum(1 for w in workers if w.state == BOOTING),
-            "busy": sum(1 for w in workers if w.state == READY and w.inflight),
-            "idle": sum(1 for w in workers if w.state == READY and not w.inflight),
+            "busy": len(ready) - idle,
+            "idle": idle,
+            "retiring": sum(1 for w in workers if w.state == RETIRING),
             "queued": len(self.queue),
             "in_flight": len(self._tasks),
             "spawned_total": self._spawned_total,

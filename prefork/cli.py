@@ -1,6 +1,7 @@
 """The ``prefork`` command: ``run``, ``check`` and ``plugins``.
 
     prefork run [-c prefork.toml] [--set key=value ...]
+    prefork serve [-c prefork.toml] [--set key=value ...]
     prefork check [-c prefork.toml] [--set key=value ...]
     prefork plugins [-c prefork.toml]
 
@@ -24,7 +25,7 @@ from typing import Any
 
 from prefork._proctitle import set_title
 from prefork.config import Config, load_config
-from prefork.errors import ConfigError, PluginError
+from prefork.errors import ConfigError, PluginError, PreforkError
 from prefork.strategies.registry import KINDS
 from prefork.strategies.resolver import import_object
 
@@ -145,6 +146,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefork.mpm import serve
+
+    overrides = _parse_set(args.set)
+    path = _config_path(args.config)
+    if path is None:
+        overrides.setdefault("profile", "mpm")
+    config = load_config(path, overrides)
+    if config.scaling.name != "spare":
+        print(f"prefork serve: note: scaling is {config.scaling.name!r}, not 'spare'", file=sys.stderr)
+    sys.path.insert(0, os.getcwd())
+    try:
+        return serve(config)
+    except PreforkError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     sys.stdout.write(config.to_toml())
@@ -177,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (
         ("run", cmd_run, "start the app the config names"),
+        ("serve", cmd_serve, "a prefork TCP server: children accept on mpm.bind and call app(conn, addr)"),
         ("check", cmd_check, "validate a config and print the merged result"),
         ("plugins", cmd_plugins, "list plugins and the strategies and hooks each provides"),
     ):

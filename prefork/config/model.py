@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+import signal
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ FORK_FROM: Final = ("forkserver", "direct")
 #: The scalar top-level keys, in the order files and docs list them.
 TOP_LEVEL_KEYS: Final = ("profile", "name", "app", "plugins")
 #: Every key allowed at the top level of a config file.
-ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", "boss_worker", "dispatcher", *KINDS)
+ALL_KEYS: Final = (*TOP_LEVEL_KEYS, "pool", "boss_worker", "dispatcher", "mpm", *KINDS)
 
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
@@ -99,6 +100,12 @@ def _title_template(instance: Any, attribute: attrs.Attribute[Any], value: Any) 
 def _str(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str):
         raise OptionError(attribute.name, value, "must be a string")
+
+
+def _host_port(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    _, sep, port = str(value).rpartition(":")
+    if not isinstance(value, str) or not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise OptionError(attribute.name, value, "must be 'host:port', e.g. '127.0.0.1:8000'")
 
 
 def _bool(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -311,8 +318,48 @@ class DispatcherConfig:
     )
 
 
+def _signal_map(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, Mapping):
+        raise OptionError(attribute.name, value, "must be a table of signal names to handlers")
+    for key, handler in value.items():
+        for name in str(key).split():
+            full = name if name.startswith("SIG") else f"SIG{name}"
+            if not hasattr(signal, full) or full in ("SIGKILL", "SIGSTOP"):
+                raise OptionError(f"{attribute.name}.{key}", handler, f"{name!r} is not a signal a handler can be set for")
+        if not (callable(handler) or isinstance(handler, str)):
+            raise OptionError(f"{attribute.name}.{key}", handler, "must be a callable, 'DEFAULT', 'IGNORE' or 'module:callable'")
+
+
+@attrs.frozen(kw_only=True)
+class MPMConfig:
+    """The ``[mpm]`` table: what the MPM profile (``prefork.MPM``, ``prefork serve``)
+    adds to the core.  The seed's spare-server options are the ``spare`` scaling
+    policy's: ``start_servers``, ``min_spare`` (min_spare_servers), ``max_spare``
+    (max_spare_servers) and ``max_servers``."""
+
+    child_sigh: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_frozen_mapping, validator=_signal_map, hash=False,
+        metadata=_doc("signal handlers installed in each child: {\"TERM INT\" = \"DEFAULT\", HUP = \"module:fn\"}; "
+                      "values 'DEFAULT', 'IGNORE', 'module:callable' or (from code) a callable", "table"),
+    )
+    child_data_hook: str | Callable[..., Any] = attrs.field(
+        default="", validator=_callable_spec(allow_callable=True),
+        metadata=_doc("hook(pid, data, exitcode) for data the children send with yell() or exit() (\"\": none)",
+                      "str | callable"),
+    )
+    data_hook_in_main: bool = attrs.field(
+        default=False, validator=_bool,
+        metadata=_doc("run child_data_hook in the supervisor's process; false: in a dedicated process"),
+    )
+    bind: str = attrs.field(
+        default="127.0.0.1:8000", validator=_host_port,
+        metadata=_doc("host:port that `prefork serve` listens on (port 0: any free port)"),
+    )
+    backlog: int = attrs.field(default=128, validator=_int_ge(1), metadata=_doc("listen() backlog of `prefork serve`"))
+
+
 #: The plain tables of a config file and the class of each.
-TABLES: Final = {"pool": PoolConfig, "boss_worker": BossWorkerConfig, "dispatcher": DispatcherConfig}
+TABLES: Final = {"pool": PoolConfig, "boss_worker": BossWorkerConfig, "dispatcher": DispatcherConfig, "mpm": MPMConfig}
 
 
 def _kind(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -376,6 +423,9 @@ class Config:
     dispatcher: DispatcherConfig = attrs.field(
         factory=DispatcherConfig, validator=attrs.validators.instance_of(DispatcherConfig),
         metadata=_doc("the [dispatcher] table"),
+    )
+    mpm: MPMConfig = attrs.field(
+        factory=MPMConfig, validator=attrs.validators.instance_of(MPMConfig), metadata=_doc("the [mpm] table"),
     )
     scaling: StrategySpec = attrs.field(validator=_spec_of("scaling"), metadata=_doc("how many workers, when to fork and retire them"))
     transport: StrategySpec = attrs.field(validator=_spec_of("transport"), metadata=_doc("how frames move between supervisor and worker"))

@@ -1,0 +1,496 @@
+"""``prefork.MPM``: Parallel::MPM::Prefork on the prefork core.
+
+Children feed themselves (typically ``accept()`` on a listening socket the
+parent bound) and report ``busy()``/``idle()`` through the core's scoreboard;
+the core's ``spare`` policy keeps idle children between ``min_spare`` and
+``max_spare``, never more than ``max_servers``, forking 1, 2, 4 ... 32 per tick
+while short and retiring one surplus idle child per tick with SIGTERM.  There
+is no second supervisor: the caller drives the core's loop (``whip_kids`` or
+``kid_new`` in a loop, as with the seed), or ``prefork serve`` does.
+
+Children send data at any time with ``yell(data)`` or ``exit(code, data)``;
+each message crosses the child's own channel in length-prefixed frames, so
+messages of any size arrive whole and never interleave.  ``child_data_hook``
+runs in the main process or in a dedicated data-hook process.
+
+Module functions with the seed's names (``pf_init``, ``pf_whip_kids``,
+``pf_kid_new``, ``pf_kid_busy``, ``pf_kid_idle``, ``pf_kid_yell``,
+``pf_kid_exit``, ``pf_done``) wrap one module-level :class:`MPM`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any, NoReturn
+
+import cloudpickle  # type: ignore[import-untyped]
+
+from prefork._hooks import hookimpl
+from prefork._proctitle import set_title
+from prefork._supervisor import Supervisor
+from prefork._task import WorkerInfo
+from prefork._worker import ForkedChild, WorkerHandle, current_worker, reset_signals
+from prefork.config import Config, load_config
+from prefork.errors import PreforkError
+from prefork.strategies.resolver import import_object
+
+__all__ = [
+    "MPM",
+    "busy",
+    "exit",
+    "idle",
+    "pf_done",
+    "pf_init",
+    "pf_kid_busy",
+    "pf_kid_exit",
+    "pf_kid_idle",
+    "pf_kid_new",
+    "pf_kid_yell",
+    "pf_whip_kids",
+    "serve",
+    "yell",
+]
+
+_LEN = struct.Struct("<Q")
+
+
+# -- in the child -----------------------------------------------------------------------
+
+
+def _me() -> WorkerHandle:
+    handle = current_worker()
+    if handle is None:
+        raise RuntimeError("this is not a prefork child: busy(), idle(), yell() and exit() run in children")
+    return handle
+
+
+def busy() -> None:
+    """Tell the parent this child is busy (``pf_kid_busy``)."""
+    _me().busy()
+
+
+def idle() -> None:
+    """Tell the parent this child is idle again (``pf_kid_idle``); a child past its
+    request budget or memory limit, or asked to leave while busy, exits here."""
+    _me().idle()
+
+
+def yell(data: Any) -> None:
+    """Send ``data`` to the parent's ``child_data_hook`` (``pf_kid_yell``); any size."""
+    _me().yell(data)
+
+
+def exit(code: int = 0, data: Any = None) -> NoReturn:
+    """Send ``data`` (if given) with ``code`` to the parent, then leave (``pf_kid_exit``)."""
+    _me().exit(code, data)
+
+
+# -- signal specifications -------------------------------------------------------------------
+
+
+def parse_child_sigh(spec: Mapping[str, Any]) -> dict[int, Any]:
+    """``{"TERM INT": fn, "HUP": "IGNORE"}`` to ``{signal number: handler}``."""
+    out: dict[int, Any] = {}
+    for names, handler in spec.items():
+        if handler == "DEFAULT":
+            action: Any = signal.SIG_DFL
+        elif handler == "IGNORE":
+            action = signal.SIG_IGN
+        elif isinstance(handler, str):
+            action = import_object(handler)
+        else:
+            action = handler
+        for name in str(names).split():
+            out[int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))] = action
+    return out
+
+
+# -- the data hook ----------------------------------------------------------------------------
+
+
+class _DataHookProcess:
+    """A dedicated process running ``child_data_hook`` (``data_hook_in_main = false``)."""
+
+    def __init__(self, hook: Callable[..., Any], name: str) -> None:
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            code = 0
+            try:
+                reset_signals()
+                set_title(f"{name} datahook")
+                _serve_data_hook(child, hook)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child.close()
+        self.pid = pid
+        self.sock = parent
+
+    def send(self, pid: int, data: Any, exitcode: int | None) -> None:
+        frame = cloudpickle.dumps((pid, data, exitcode))
+        self.sock.sendall(_LEN.pack(len(frame)) + frame)
+
+    def close(self) -> None:
+        """No more data: the process runs the hook on what is left, then exits."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.sock.close()
+        os.waitpid(self.pid, 0)
+
+
+def _serve_data_hook(sock: socket.socket, hook: Callable[..., Any]) -> None:
+    stream = sock.makefile("rb")
+    while True:
+        head = stream.read(_LEN.size)
+        if len(head) < _LEN.size:
+            return
+        (size,) = _LEN.unpack(head)
+        pid, data, exitcode = pickle.loads(stream.read(size))
+        try:
+            hook(pid, data, exitcode)
+        except Exception:
+            traceback.print_exc()
+
+
+class _DataForwarder:
+    """The core's ``prefork_child_data`` hook, handing data to ``child_data_hook``."""
+
+    def __init__(self, hook: Callable[..., Any], process: _DataHookProcess | None) -> None:
+        self.hook = hook
+        self.process = process
+
+    @hookimpl
+    def prefork_child_data(self, worker: WorkerInfo, data: Any, exitcode: int | None) -> None:
+        if self.process is not None:
+            self.process.send(worker.pid, data, exitcode)
+        else:
+            self.hook(worker.pid, data, exitcode)
+
+
+# -- the parent ---------------------------------------------------------------------------------
+
+
+class MPM:
+    """A self-regulating pool of children that find their own work.
+
+    Arguments may also come from a ``prefork.toml`` (profile ``mpm``) given as
+    ``config``; keyword arguments win.  Nothing is forked before the first
+    ``whip_kids`` or ``kid_new``.
+    """
+
+    def __init__(
+        self,
+        start_servers: int | None = None,
+        min_spare_servers: int | None = None,
+        max_spare_servers: int | None = None,
+        max_servers: int | None = None,
+        child_sigh: Mapping[str, Any] | None = None,
+        child_data_hook: Callable[..., Any] | str | None = None,
+        data_hook_in_main: bool | None = None,
+        *,
+        config: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        kw: dict[str, Any] = dict(overrides or {})
+        if config is None:
+            kw.setdefault("profile", "mpm")
+        for key, value in (
+            ("scaling.start_servers", start_servers),
+            ("scaling.min_spare", min_spare_servers),
+            ("scaling.max_spare", max_spare_servers),
+            ("scaling.max_servers", max_servers),
+            ("mpm.child_sigh", dict(child_sigh) if child_sigh is not None else None),
+            ("mpm.child_data_hook", child_data_hook),
+            ("mpm.data_hook_in_main", data_hook_in_main),
+        ):
+            if value is not None:
+                kw[key] = value
+        self._setup(load_config(config, kw))
+
+    @classmethod
+    def from_config(cls, config: Config) -> MPM:
+        """An MPM built from an already loaded :class:`Config`."""
+        self = cls.__new__(cls)
+        self._setup(config)
+        return self
+
+    def _setup(self, config: Config) -> None:
+        self.config = config
+        self._owner = os.getpid()
+        self._sup: Supervisor | None = None
+        self._done = False
+        self._stepping = False  # inside whip_kids/kid_new: a done() from a signal handler is deferred
+        self._deferred: tuple[int | None] | None = None
+        self._hook_process: _DataHookProcess | None = None
+        opts = config.mpm
+        self._child_signals = parse_child_sigh(opts.child_sigh)
+        hook = opts.child_data_hook or None
+        self._hook = import_object(hook) if isinstance(hook, str) else hook
+
+    def _start(self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False) -> Supervisor:
+        if self._hook is not None and self._hook_process is None and not self.config.mpm.data_hook_in_main:
+            self._hook_process = _DataHookProcess(self._hook, self.config.name)
+        if self._hook is not None:
+            self.config.plugin_manager.register(_DataForwarder(self._hook, self._hook_process), name=f"mpm-data-{id(self)}")
+        sup = Supervisor(
+            self.config, threaded=False, body=body, body_args=args,
+            child_signals=self._child_signals, return_in_child=return_in_child,
+        )
+        if self._hook_process is not None:
+            sup.ctx.internal_fds.add(self._hook_process.sock.fileno())
+        sup.start()
+        self._sup = sup
+        return sup
+
+    def _check_parent(self, what: str) -> None:
+        if os.getpid() != self._owner:
+            raise RuntimeError(f"{what} is for the parent; this is a child (pid {os.getpid()})")
+
+    def whip_kids(self, code: Callable[..., Any], args: tuple[Any, ...] | list[Any] = ()) -> int | None:
+        """Keep the children going, each running ``code(*args)``; return 1 as soon
+        as a child changed status, sent data or exited, 0 once ``done`` was called,
+        ``None`` when the pool cannot fork (children fail to boot)."""
+        self._check_parent("whip_kids()")
+        if self._done:
+            return 0
+        sup = self._sup
+        if sup is None:
+            sup = self._start(code, tuple(args))
+        elif sup.self_feeding and sup.body is not code:
+            raise RuntimeError("whip_kids() was started with another code; use one MPM per kind of child")
+        seen = sup.events
+        while sup.events == seen:
+            if sup._broken is not None:
+                return None
+            if self._done or sup.stopped:
+                self._finish_deferred()
+                return 0
+            self._step(sup)
+        return 1
+
+    def _step(self, sup: Supervisor) -> None:
+        self._stepping = True
+        try:
+            sup.step(1.0)
+        finally:
+            self._stepping = False
+        self._finish_deferred()
+
+    def _finish_deferred(self) -> None:
+        if self._deferred is not None:
+            (code,) = self._deferred
+            self._deferred = None
+            self.done(code)
+
+    def kid_new(self) -> int | None:
+        """Block until a new child is wanted, then fork it: the child's pid in the
+        parent, 0 in the child (which goes on with the caller's code), -1 once
+        ``done`` was called, ``None`` when the pool cannot fork."""
+        self._check_parent("kid_new()")
+        if self._done:
+            return -1
+        sup = self._sup
+        if sup is None:
+            sup = self._start(None, (), return_in_child=True)
+        spawned = sup._spawned_total
+        try:
+            while sup._spawned_total == spawned:
+                if sup._broken is not None:
+                    return None
+                if self._done or sup.stopped:
+                    self._finish_deferred()
+                    return -1
+                self._step(sup)
+        except ForkedChild:
+            self._owner = -1  # this copy is a child now
+            return 0
+        return sup.last_spawned  # a direct fork's pid is known within the pass that forked it
+
+    def done(self, exitcode: int | None = None) -> None:
+        """SIGTERM every child, wait for them, deliver the data they still send,
+        stop the data-hook process; then exit with ``exitcode`` if given.
+
+        Safe in a signal handler: called while ``whip_kids``/``kid_new`` runs, it
+        takes effect as soon as that call's current pass ends."""
+        self._check_parent("done()")
+        self._done = True
+        if self._stepping:
+            self._deferred = (exitcode,)
+            if self._sup is not None:
+                self._sup._wake()
+            return
+        if self._sup is not None:
+            self._sup.shutdown(wait=True)
+        if self._hook_process is not None:
+            self._hook_process.close()
+            self._hook_process = None
+        if exitcode is not None:
+            sys.exit(exitcode)
+
+    def pids(self) -> list[int]:
+        return self._sup.pids() if self._sup is not None else []
+
+    def stats(self) -> dict[str, int]:
+        """Children booting/idle/busy, as the spare policy sees them."""
+        if self._sup is None:
+            return {"workers": 0, "idle": 0, "busy": 0, "booting": 0}
+        return self._sup.stats()
+
+    def set_spares(self, min_spare: int, max_spare: int) -> None:
+        """Move the spare bounds while running (SIGTTIN/SIGTTOU in ``prefork serve``)."""
+        import attrs
+
+        if self._sup is None:
+            raise RuntimeError("not started")
+        self._sup.policy = attrs.evolve(self._sup.policy, min_spare=min_spare, max_spare=max_spare)
+        self._sup._next_tick = 0.0
+
+    def reload(self) -> None:
+        """Replace every child: new ones are forked while the old ones finish their
+        current work and leave (SIGHUP in ``prefork serve``)."""
+        if self._sup is not None:
+            self._sup.retire_all("reload")
+
+
+# -- the seed's functions -------------------------------------------------------------------------
+
+_global: MPM | None = None
+#: the seed's $Parallel::MPM::Prefork::error
+error = ""
+
+
+def pf_init(**options: Any) -> bool:
+    """Set up the module-level MPM; false (with ``error`` set) on a bad option."""
+    global _global, error
+    try:
+        _global = MPM(**options)
+    except (PreforkError, TypeError, ValueError) as exc:
+        error = str(exc)
+        return False
+    return True
+
+
+def _global_mpm() -> MPM:
+    if _global is None:
+        raise RuntimeError("call pf_init() first")
+    return _global
+
+
+def pf_whip_kids(code: Callable[..., Any], args: tuple[Any, ...] | list[Any] = ()) -> int | None:
+    return _global_mpm().whip_kids(code, args)
+
+
+def pf_kid_new() -> int | None:
+    return _global_mpm().kid_new()
+
+
+def pf_done(exitcode: int | None = None) -> None:
+    _global_mpm().done(exitcode)
+
+
+pf_kid_busy = busy
+pf_kid_idle = idle
+pf_kid_yell = yell
+pf_kid_exit = exit
+
+
+# -- prefork serve ------------------------------------------------------------------------------------
+
+
+def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any]) -> None:
+    """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle."""
+    me = _me()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        me.leaving = me.leaving or "asked to leave (SIGTERM)"
+
+    signal.signal(signal.SIGTERM, on_term)
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    while not me.leaving:
+        for key, _ in sel.select():
+            if key.fd == wake_r:
+                os.read(wake_r, 512)
+                continue
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another child took it
+            conn.setblocking(True)
+            me.busy()
+            try:
+                handler(conn, addr)
+            except Exception:
+                traceback.print_exc()
+            finally:
+                conn.close()
+            me.idle()  # leaves here when it must
+
+
+def serve(config: Config) -> int:
+    """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
+    ``app`` as ``handle(conn, addr)``.  SIGHUP: new children, old ones finish and
+    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop."""
+    if not config.app:
+        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
+    handler = import_object(config.app)
+    host, _, port = config.mpm.bind.rpartition(":")
+    listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    mpm = MPM.from_config(config)
+    pending: list[int] = []
+    set_title(f"{config.name} supervisor")
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)  # only note it: the loop acts
+        if mpm._sup is not None:
+            mpm._sup._wake()
+
+    signals = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGINT, signal.SIGTERM)
+    old = {sig: signal.signal(sig, on_signal) for sig in signals}
+    print(f"prefork serve: listening on {listener.getsockname()[0]}:{listener.getsockname()[1]}", flush=True)
+    sup = mpm._start(_serve_body, (listener, handler))
+    try:
+        while True:
+            sup.step(1.0)
+            stop = False
+            while pending:
+                signum = pending.pop(0)
+                if signum in (signal.SIGINT, signal.SIGTERM):
+                    stop = True
+                elif signum == signal.SIGHUP:
+                    mpm.reload()
+                else:
+                    pol = sup.policy
+                    step = 1 if signum == signal.SIGTTIN else -1
+                    low = max(0, pol.min_spare + step)
+                    mpm.set_spares(low, max(1, low, pol.max_spare + step))
+            if stop:
+                break
+    finally:
+        mpm.done()
+        listener.close()
+        for sig, handler_ in old.items():
+            signal.signal(sig, handler_)
+    return 0
