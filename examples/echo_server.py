@@ -3,7 +3,10 @@ listening socket, echo lines until "quit", tell the parent when they are busy
 and idle, and yell data to it.  The parent keeps 2 to 4 idle children, at most
 20 in all.
 
-    python examples/echo_server.py [port]      # then: nc 127.0.0.1 20116
+    python examples/echo_server.py [port [tick]]    # then: nc 127.0.0.1 20116
+
+``tick`` is how often (seconds) the parent looks at its spare children; Apache
+and the seed look once a second.
 """
 
 from __future__ import annotations
@@ -43,13 +46,16 @@ def show(pid: int, data: Any, exitcode: int | None) -> None:
     print(pid, data, flush=True)
 
 
-def main(port: int = 20116, **spares: int) -> int:
-    options = {"min_spare_servers": 2, "max_spare_servers": 4, "start_servers": 3, "max_servers": 20, **spares}
+def main(port: int = 20116, tick: float = 1.0) -> int:
     server = mpm.MPM(
-        **options,
+        min_spare_servers=2,
+        max_spare_servers=4,
+        start_servers=3,
+        max_servers=20,
         data_hook_in_main=False,
         child_data_hook=show,
         child_sigh={"HUP": "IGNORE", "TERM INT": "DEFAULT"},
+        overrides={"scaling.tick": tick},
     )
     sock = mksock(port)
     print(f"listening on 127.0.0.1:{sock.getsockname()[1]}", flush=True)
@@ -65,4 +71,5 @@ def main(port: int = 20116, **spares: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20116))
+    args = sys.argv[1:]
+    sys.exit(main(int(args[0]) if args else 20116, float(args[1]) if len(args) > 1 else 1.0))

@@ -777,7 +777,11 @@ class Supervisor:
         self._spawn_rate = decision.spawn_rate
         self._next_tick = now + (decision.next_tick if decision.next_tick is not None else 1.0)
         if decision.spawn and now >= self._spawn_not_before:
-            for _ in range(min(decision.spawn, self.max_workers - alive)):
+            n = min(decision.spawn, self.max_workers - alive)
+            if self.ctx.return_in_child:
+                n = min(n, 1)  # kid_new forks one child per call; the next call forks the next
+                self._next_tick = now
+            for _ in range(n):
                 self._spawn(now)
         elif decision.spawn:
             self._next_tick = min(self._next_tick, self._spawn_not_before)
@@ -832,7 +836,8 @@ class Supervisor:
             self.hook.prefork_worker_exited(worker=w.info, status=status, reason=reason)
         except Exception:
             log.exception("a prefork_worker_exited hook failed")
-        self._next_tick = 0.0  # let the policy replace it now
+        if not expected:
+            self._next_tick = 0.0  # let the policy replace it now (a retired one was replaced already)
 
     def _release(self, w: _Worker) -> None:
         self._workers.pop(w.slot, None)

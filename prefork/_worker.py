@@ -131,7 +131,9 @@ class WorkerHandle:
 
     def exit(self, code: int = 0, data: Any = None, reason: str = "exit() called") -> NoReturn:
         """Leave now: send ``data`` (if any) with the exit code, announce the exit,
-        run the finalizer and exit hooks, and exit with ``code`` (0-255)."""
+        run the finalizer and exit hooks, and exit with ``code`` (0-255).  In a
+        body this raises ``SystemExit`` (the body's ``finally`` blocks run); in a
+        child of ``kid_new`` the process ends here, whatever the code around."""
         try:
             if data is not None:
                 self._channel.send(_frames.encode_data(self._dump(data), code & 0xFF))
@@ -139,7 +141,12 @@ class WorkerHandle:
         except OSError:
             pass  # the supervisor is gone
         self._words[self._base + _scoreboard.STATE] = _scoreboard.EXITING
-        raise SystemExit(code & 0xFF)
+        if self._ctx.return_in_child:
+            # the caller's own code runs here (kid_new): nothing in it may catch this exit
+            leave(self._ctx, self.info, reason)
+            _flush_std()
+            os._exit(code & 0xFF)
+        raise SystemExit(code & 0xFF)  # a body: its finally blocks run, then _run_body leaves
 
 
 def _rss_bytes() -> int:

@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -236,7 +237,10 @@ class MPM:
         self._owner = os.getpid()
         self._sup: Supervisor | None = None
         self._done = False
-        self._stepping = False  # inside whip_kids/kid_new: a done() from a signal handler is deferred
+        # one thread steps the core's loop at a time; a done() from a signal handler
+        # that interrupts a step on the same thread is deferred to the end of that step
+        self._lock = threading.RLock()
+        self._stepping = 0  # ident of the thread inside a step, 0: none
         self._deferred: tuple[int | None] | None = None
         self._hook_process: _DataHookProcess | None = None
         opts = config.mpm
@@ -286,11 +290,14 @@ class MPM:
         return 1
 
     def _step(self, sup: Supervisor) -> None:
-        self._stepping = True
-        try:
-            sup.step(1.0)
-        finally:
-            self._stepping = False
+        with self._lock:
+            if self._done:
+                return
+            self._stepping = threading.get_ident()
+            try:
+                sup.step(1.0)
+            finally:
+                self._stepping = 0
         self._finish_deferred()
 
     def _finish_deferred(self) -> None:
@@ -331,16 +338,17 @@ class MPM:
         takes effect as soon as that call's current pass ends."""
         self._check_parent("done()")
         self._done = True
-        if self._stepping:
+        if self._stepping == threading.get_ident():
             self._deferred = (exitcode,)
             if self._sup is not None:
                 self._sup._wake()
             return
-        if self._sup is not None:
-            self._sup.shutdown(wait=True)
-        if self._hook_process is not None:
-            self._hook_process.close()
-            self._hook_process = None
+        with self._lock:
+            if self._sup is not None:
+                self._sup.shutdown(wait=True)
+            if self._hook_process is not None:
+                self._hook_process.close()
+                self._hook_process = None
         if exitcode is not None:
             sys.exit(exitcode)
 

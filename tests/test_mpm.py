@@ -1,0 +1,507 @@
+"""prefork.MPM and prefork serve: the seed's behaviour point by point, and beyond."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefork import mpm
+from prefork.mpm import MPM
+from prefork.testing import descendants, pid_alive, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = {"scaling.tick": 0.05}
+
+
+def workers_of(pid: int, title: str = "prefork worker") -> list[int]:
+    found = []
+    for child in descendants(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        if cmd == title:
+            found.append(child)
+    return found
+
+
+def drive(m: MPM, code: Callable[..., Any], args: tuple[Any, ...], until: Callable[[], Any], timeout: float = 10) -> Any:
+    """Run whip_kids until ``until()`` is true; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = until()
+        if value:
+            return value
+        assert time.monotonic() < end, "timed out driving the MPM"
+        assert m.whip_kids(code, args) == 1
+
+
+class Driver:
+    """Drives an MPM's whip_kids loop in a thread, as a server's main loop would."""
+
+    def __init__(self, m: MPM, code: Callable[..., Any], args: tuple[Any, ...] = ()) -> None:
+        self.m = m
+        self.thread = threading.Thread(target=self._loop, args=(code, args), daemon=True)
+        self.thread.start()
+
+    def _loop(self, code: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        while self.m.whip_kids(code, args):
+            pass
+
+    def stop(self) -> None:
+        self.m.done()
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+
+    def __enter__(self) -> Driver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def listener() -> socket.socket:
+    sock = socket.create_server(("127.0.0.1", 0))
+    return sock
+
+
+# -- children's code ----------------------------------------------------------------------------
+
+
+def echo_once(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        mpm.busy()
+        with conn:
+            data = conn.recv(65536)
+            if data == b"hold":
+                conn.recv(1)  # keeps this child busy until the client closes
+            else:
+                conn.sendall(data)
+        mpm.idle()
+
+
+def idle_forever() -> None:
+    while True:
+        time.sleep(0.05)
+
+
+def yell_big(size: int, copies: int) -> None:
+    for i in range(copies):
+        mpm.yell({"pid": os.getpid(), "i": i, "blob": bytes([i % 256]) * size})
+    mpm.exit(3, {"last": os.getpid()})
+
+
+def note_and_idle(path: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    while True:
+        time.sleep(0.05)
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.items: list[tuple[int, Any, int | None]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, pid: int, data: Any, exitcode: int | None) -> None:
+        with self.lock:
+            self.items.append((pid, data, exitcode))
+
+
+# -- the seed's synopsis ------------------------------------------------------------------------------
+
+
+def test_echo_server_example_grows_under_load_and_shrinks_back() -> None:
+    proc = subprocess.Popen([sys.executable, "examples/echo_server.py", "0", "0.05"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(":", 1)[1])
+        wait_until(lambda: len(workers_of(proc.pid)) == 3, what="start_servers children")
+        # an echo round trip
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"hello\n")
+            assert c.recv(100) == b"hello\n"
+            c.sendall(b"quit\n")
+        # many clients at once, each keeping a child busy
+        for _ in range(12):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.sendall(b"ping\n")
+            clients.append(c)
+        for c in clients:
+            assert c.recv(100) == b"ping\n"
+        peak = wait_until(lambda: (n := len(workers_of(proc.pid))) >= 14 and n, timeout=10, what="growth under load")
+        assert peak <= 20  # max_servers
+        for c in clients:
+            c.sendall(b"quit\n")
+            c.close()
+        clients.clear()
+        wait_until(lambda: 2 <= len(workers_of(proc.pid)) <= 4, timeout=10, what="back within the spare bounds")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        for c in clients:
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "{'foo': 'bar'}" in out  # yelled by each child, shown by the data-hook process
+
+
+# -- whip_kids, kid_new, done ------------------------------------------------------------------------------
+
+
+def test_whip_kids_keeps_start_servers_and_returns_0_after_done() -> None:
+    m = MPM(start_servers=3, min_spare_servers=1, max_spare_servers=5, max_servers=6, overrides=FAST)
+    try:
+        drive(m, idle_forever, (), lambda: m.stats()["idle"] == 3)
+        assert len(m.pids()) == 3
+    finally:
+        m.done()
+    assert m.whip_kids(idle_forever, ()) == 0
+    assert m.kid_new() == -1
+
+
+def test_surplus_idle_children_get_sigterm_one_per_tick() -> None:
+    m = MPM(start_servers=6, min_spare_servers=1, max_spare_servers=2, max_servers=8, overrides=FAST)
+    try:
+        drive(m, idle_forever, (), lambda: len(m.pids()) == 6)
+        first = set(m.pids())
+        t0 = time.monotonic()
+        drive(m, idle_forever, (), lambda: len(m.pids()) == 2, timeout=10)
+        assert time.monotonic() - t0 >= 3 * 0.05  # four retirements, one per tick
+        assert set(m.pids()) <= first  # retired, not replaced
+    finally:
+        m.done()
+
+
+def test_busy_children_are_never_retired_and_max_servers_holds(tmp_path: Path) -> None:
+    sock = listener()
+    port = sock.getsockname()[1]
+    m = MPM(start_servers=1, min_spare_servers=2, max_spare_servers=2, max_servers=5, overrides=FAST)
+    held: list[socket.socket] = []
+    try:
+        with Driver(m, echo_once, (sock,)):
+            wait_until(lambda: m.stats()["idle"] >= 2, what="two spares")
+            for _ in range(7):  # more clients than max_servers
+                c = socket.create_connection(("127.0.0.1", port), timeout=10)
+                c.sendall(b"hold")
+                held.append(c)
+            wait_until(lambda: m.stats()["busy"] == 5, what="five busy children")
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                assert len(m.pids()) <= 5
+            busy_pids = set(m.pids())
+            for c in held:
+                c.close()
+            held.clear()
+            wait_until(lambda: len(m.pids()) == 2, what="back to two spares")
+            assert set(m.pids()) <= busy_pids  # the surplus left once idle; none was killed mid-request
+    finally:
+        for c in held:
+            c.close()
+        sock.close()
+
+
+def test_kid_new_returns_the_pid_in_the_parent_and_0_in_the_child(tmp_path: Path) -> None:
+    marks = tmp_path / "children"
+    m = MPM(start_servers=2, min_spare_servers=1, max_spare_servers=3, max_servers=3, overrides=FAST)
+    pids = []
+    try:
+        while len(pids) < 2:
+            pid = m.kid_new()
+            if pid == 0:  # the child goes on here, in this very function
+                with open(marks, "a") as f:
+                    f.write(f"{os.getpid()}\n")
+                mpm.exit(0)
+            assert pid is not None and pid > 0
+            pids.append(pid)
+        wait_until(lambda: marks.exists() and len(marks.read_text().split()) == 2, what="both children")
+        assert sorted(int(p) for p in marks.read_text().split()) == sorted(pids)
+    finally:
+        m.done()
+    assert m.kid_new() == -1
+
+
+def test_done_from_a_signal_handler_stops_the_loop() -> None:
+    m = MPM(start_servers=2, min_spare_servers=1, max_spare_servers=3, max_servers=3, overrides=FAST)
+    old = signal.signal(signal.SIGUSR1, lambda s, f: m.done())
+    try:
+        drive(m, idle_forever, (), lambda: len(m.pids()) == 2)
+        pids = m.pids()
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        end = time.monotonic() + 10
+        while m.whip_kids(idle_forever, ()) and time.monotonic() < end:
+            pass
+        assert m.whip_kids(idle_forever, ()) == 0
+        assert not any(pid_alive(p) for p in pids)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        m.done()
+
+
+# -- data from children --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_main", [True, False])
+def test_large_data_from_several_children_arrives_whole(in_main: bool, tmp_path: Path) -> None:
+    size, copies, children = 200_000, 3, 3
+    if in_main:
+        hooks = Hooks()
+        hook: Callable[..., Any] = hooks
+    else:
+        out = tmp_path / "hook.log"
+
+        def hook(pid: int, data: Any, exitcode: int | None) -> None:  # runs in the data-hook process
+            ok = data.get("blob") is None or data["blob"] == bytes([data["i"] % 256]) * size
+            with open(out, "a") as f:
+                f.write(f"{pid} {exitcode} {ok} {'blob' in data}\n")
+
+    m = MPM(start_servers=children, min_spare_servers=0, max_spare_servers=children, max_servers=children,
+            child_data_hook=hook, data_hook_in_main=in_main, overrides=FAST)
+    try:
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            m.whip_kids(yell_big, (size, copies))
+            got = len(hooks.items) if in_main else (len(out.read_text().splitlines()) if out.exists() else 0)
+            if got >= children * (copies + 1):
+                break
+    finally:
+        m.done()
+    if in_main:
+        blobs = [(pid, d) for pid, d, code in hooks.items if code is None]
+        assert len(blobs) >= children * copies
+        assert all(d["blob"] == bytes([d["i"] % 256]) * size and d["pid"] == pid for pid, d in blobs)
+        exits = [(pid, d, code) for pid, d, code in hooks.items if code is not None]
+        assert all(code == 3 and d == {"last": pid} for pid, d, code in exits) and exits
+    else:
+        lines = [line.split() for line in out.read_text().splitlines()]
+        assert all(ok == "True" for _, _, ok, _ in lines)
+        assert any(code == "3" and blob == "False" for _, code, _, blob in lines)
+        assert sum(1 for _, code, _, blob in lines if code == "None" and blob == "True") >= children * copies
+
+
+# -- child signals ------------------------------------------------------------------------------------
+
+
+def on_hup(signum: int, frame: Any) -> None:
+    with open(os.environ["HUP_LOG"], "a") as f:
+        f.write(f"{os.getpid()} {signum}\n")
+
+
+def test_child_sigh_installs_handlers_in_the_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "hup"
+    monkeypatch.setenv("HUP_LOG", str(log))
+    m = MPM(start_servers=2, min_spare_servers=0, max_spare_servers=2, max_servers=2, overrides=FAST,
+            child_sigh={"HUP": on_hup, "USR1 USR2": "IGNORE", "TERM INT": "DEFAULT"})
+    with Driver(m, idle_forever):
+        wait_until(lambda: m.stats()["idle"] == 2, what="two children")
+        pids = m.pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGHUP)
+            os.kill(pid, signal.SIGUSR1)
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) == 2, what="both HUP handlers")
+        assert all(pid_alive(p) for p in pids)  # USR1 ignored, HUP handled
+        assert sorted(int(line.split()[0]) for line in log.read_text().splitlines()) == sorted(pids)
+
+
+def test_a_bad_signal_name_is_a_config_error() -> None:
+    with pytest.raises(Exception, match=r"mpm.child_sigh.TERM BOGUS = 'DEFAULT': 'BOGUS' is not a signal"):
+        MPM(child_sigh={"TERM BOGUS": "DEFAULT"})
+
+
+# -- only its own children ----------------------------------------------------------------------------------
+
+
+def test_the_pool_waits_only_for_its_own_children() -> None:
+    m = MPM(start_servers=2, min_spare_servers=0, max_spare_servers=2, max_servers=2, overrides=FAST)
+    with Driver(m, idle_forever):
+        wait_until(lambda: m.stats()["idle"] == 2, what="two children")
+        other = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+        wait_until(lambda: not pid_alive(other.pid), what="the other child to exit")
+        wait_until(lambda: m._sup is not None and m._sup.events > 0, what="the loop to run on")
+        assert other.wait(10) == 7  # its exit status was left for its owner
+
+
+# -- recycling ---------------------------------------------------------------------------------------------
+
+
+HOG: list[bytes] = []
+
+
+def hog_memory(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        mpm.busy()
+        with conn:
+            HOG.append(b"x" * (20 * 2**20))  # 20 MiB more per request
+            conn.sendall(str(os.getpid()).encode())
+        mpm.idle()
+
+
+def serve_one(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(data)
+        return c.recv(100)
+
+
+def answer_pid(sock: socket.socket) -> None:
+    while True:
+        conn, _ = sock.accept()
+        mpm.busy()
+        with conn:
+            conn.recv(100)
+            conn.sendall(str(os.getpid()).encode())
+        mpm.idle()
+
+
+def test_max_requests_with_jitter_recycles_children() -> None:
+    sock = listener()
+    port = sock.getsockname()[1]
+    m = MPM(start_servers=1, min_spare_servers=1, max_spare_servers=1, max_servers=1,
+            overrides={**FAST, "pool.max_tasks_per_child": 3, "pool.max_tasks_jitter": 2})
+    try:
+        with Driver(m, answer_pid, (sock,)):
+            pids = [int(serve_one(port, b"who")) for _ in range(20)]
+    finally:
+        sock.close()
+    runs = [len(list(group)) for _, group in itertools.groupby(pids)]
+    assert len(runs) >= 4
+    assert all(3 <= n <= 5 for n in runs[:-1]), runs  # the last child may not have used its budget
+    assert len(set(pids)) == len(runs)  # a recycled child never comes back
+
+
+def test_a_child_whose_memory_grows_is_recycled() -> None:
+    sock = listener()
+    port = sock.getsockname()[1]
+    m = MPM(start_servers=1, min_spare_servers=1, max_spare_servers=1, max_servers=1,
+            overrides={**FAST, "pool.max_rss_mb": 30})
+    try:
+        with Driver(m, hog_memory, (sock,)):
+            answered = [int(serve_one(port, b"go")) for _ in range(5)]
+    finally:
+        sock.close()
+    # 20 MiB per request against a 30 MiB limit: each child serves two requests
+    assert answered[0] == answered[1] != answered[2] == answered[3] != answered[4]
+
+
+# -- the seed's function names ------------------------------------------------------------------------------
+
+
+def test_pf_functions_wrap_a_module_level_mpm() -> None:
+    assert mpm.pf_init(start_servers=2, min_spare_servers=0, max_spare_servers=2, max_servers=2, overrides=FAST)
+    try:
+        end = time.monotonic() + 10
+        while len(mpm._global_mpm().pids()) < 2 and time.monotonic() < end:
+            assert mpm.pf_whip_kids(idle_forever, []) == 1
+        assert len(mpm._global_mpm().pids()) == 2
+    finally:
+        mpm.pf_done()
+    assert not mpm.pf_init(max_spare_servers=-1)
+    assert "scaling.max_spare = -1" in mpm.error
+
+
+def test_child_functions_refuse_to_run_in_the_parent() -> None:
+    with pytest.raises(RuntimeError, match="run in children"):
+        mpm.busy()
+
+
+# -- prefork serve -------------------------------------------------------------------------------------------
+
+
+def start_serve(tmp_path: Path, *settings: str) -> tuple[subprocess.Popen[str], int]:
+    (tmp_path / "app.py").write_text(
+        "import os, time\n"
+        "def handle(conn, addr):\n"
+        "    data = conn.recv(100)\n"
+        "    if data == b'slow':\n"
+        "        time.sleep(1.0)\n"
+        "    conn.sendall(str(os.getpid()).encode())\n"
+    )
+    cmd = [sys.executable, "-m", "prefork", "serve", "--set", "app=app:handle", "--set", "mpm.bind=127.0.0.1:0",
+           "--set", "scaling.tick=0.05", "--set", "name=\"prefork-serve-test\"", *settings]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening on" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def ask(port: int, data: bytes = b"hi") -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(data)
+        return int(c.recv(100))
+
+
+def stop(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_answers_and_reloads_on_sighup(tmp_path: Path) -> None:
+    proc, port = start_serve(tmp_path, "--set", "scaling.start_servers=2", "--set", "scaling.min_spare=2",
+                             "--set", "scaling.max_spare=3")
+    try:
+        wait_until(lambda: len(workers_of(proc.pid, "prefork-serve-test worker")) >= 2, what="children")
+        old = set(workers_of(proc.pid, "prefork-serve-test worker"))
+        assert ask(port) in old
+        slow_answer: list[int] = []
+        slow = threading.Thread(target=lambda: slow_answer.append(ask(port, b"slow")))
+        slow.start()
+        time.sleep(0.2)  # let a child take the slow request before the reload
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: not (old & set(workers_of(proc.pid, "prefork-serve-test worker"))), timeout=10,
+                   what="the old children to leave")
+        slow.join(10)
+        assert slow_answer and slow_answer[0] in old  # it finished its connection before leaving
+        new = ask(port)
+        assert new not in old
+    finally:
+        _, err = stop(proc)
+    assert proc.returncode == 0, err
+
+
+def test_serve_scales_spares_on_sigttin_and_sigttou(tmp_path: Path) -> None:
+    proc, port = start_serve(tmp_path, "--set", "scaling.start_servers=1", "--set", "scaling.min_spare=1",
+                             "--set", "scaling.max_spare=1")
+    title = "prefork-serve-test worker"
+    try:
+        wait_until(lambda: len(workers_of(proc.pid, title)) == 1, what="one child")
+        proc.send_signal(signal.SIGTTIN)
+        wait_until(lambda: len(workers_of(proc.pid, title)) == 2, what="two children after SIGTTIN")
+        proc.send_signal(signal.SIGTTIN)
+        wait_until(lambda: len(workers_of(proc.pid, title)) == 3, what="three children after SIGTTIN")
+        proc.send_signal(signal.SIGTTOU)
+        wait_until(lambda: len(workers_of(proc.pid, title)) == 2, what="two children after SIGTTOU")
+        assert ask(port) in workers_of(proc.pid, title)
+    finally:
+        _, err = stop(proc)
+    assert proc.returncode == 0, err
+
+
+def test_serve_needs_an_app(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "prefork", "serve", "--set", "mpm.bind=127.0.0.1:0"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2
+    assert "app is empty" in out.stderr
