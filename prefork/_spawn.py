@@ -36,6 +36,9 @@ from prefork._worker import ForkedChild, WorkerContext, close_fds, leave, prepar
 Event = tuple[Any, ...]
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+
 def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket.socket]:
     """Fork one worker; returns its pid and the supervisor's end of its socket."""
     parent_sock, child_sock = ctx.transport.socketpair()
@@ -43,7 +46,16 @@ def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket
     ctx.hook.prefork_before_fork(worker=info)
     ctx.scoreboard.reset(slot, pid=-1)
     me = os.getpid()
-    pid = os.fork()
+    # Until the child has reset its handlers, a stop signal must wait (pending), not run the
+    # parent's handler in the child or be lost: block it around the fork; prepare() unblocks.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     if pid == 0:
         parent_sock.close()
         if ctx.return_in_child:
@@ -241,9 +253,10 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
     ctx.internal_fds.add(sock.fileno())
     reset_signals()
     # Signals sent to the caller's process group (Ctrl-C, `timeout`, `kill -- -pgid`) are the
-    # supervisor's to act on; this server leaves when the supervisor's socket closes.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        ctx.restore_signals[sig] = signal.signal(sig, signal.SIG_IGN)  # workers get them back
+    # supervisor's to act on; this server leaves when the supervisor's socket closes.  They are
+    # blocked, not ignored: a worker inherits the mask, and a SIGTERM sent to it before it
+    # unblocks (in prepare) stays pending and is delivered then, never lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         os.setpgid(0, 0)
     except OSError:

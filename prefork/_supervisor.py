@@ -313,12 +313,12 @@ class Supervisor:
         callback: Any = None,
     ) -> Any:
         """Queue one task; returns the sink's handle (a future, the task id...)."""
+        if self._broken is not None:
+            raise self._broken
         if self._closing:
             raise PoolShutDown("cannot schedule new tasks after shutdown")
         if self.self_feeding:
             raise RuntimeError("this pool's workers feed themselves (a worker body); it takes no tasks")
-        if self._broken is not None:
-            raise self._broken
         kwargs = kwargs or {}
         task = Task(next(self._ids), method, args, kwargs, timeout if timeout is not None else self.default_timeout, context, callback)
         task.submitted_at = time.monotonic()
@@ -630,7 +630,7 @@ class Supervisor:
             inflight = w.inflight
             while queue and len(items) < room:
                 task = queue.popleft()
-                if task.done or not claim(task):
+                if task.done or (not task.retries and not claim(task)):  # a re-dispatched task was claimed already
                     continue
                 items.append((task.id, task.payload))
                 inflight.append(task)
@@ -642,7 +642,7 @@ class Supervisor:
                     w.budget -= len(items)
                 w.channel.send(_frames.encode_calls(items))
                 if w.budget == 0:  # its last tasks: STOP follows them, the replacement forks now
-                    self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})")
+                    self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", replace=True)
                 if w.channel.wants_write():
                     self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
             if not queue:
@@ -731,7 +731,14 @@ class Supervisor:
             return self.scoreboard.state(w.slot) == _scoreboard.IDLE
         return not w.inflight
 
-    def _retire(self, w: _Worker, reason: str, kill: bool = False) -> None:
+    def _retire(self, w: _Worker, reason: str, kill: bool = False, replace: bool = False) -> None:
+        """Ask ``w`` to leave (STOP, or SIGTERM for self-feeding workers), or kill it.
+
+        ``replace`` (and ``kill``) runs the policy at once, so a worker recycled or
+        killed is replaced now; the policy's own retirements keep its pace.
+        """
+        if kill or replace:
+            self._next_tick = 0.0
         if w.state != RETIRING:
             w.state = RETIRING
             w.reason = reason

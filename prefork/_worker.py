@@ -66,8 +66,6 @@ class WorkerContext:
     child_signals: dict[int, Any] = attrs.field(factory=dict)
     #: fork in the supervisor and return into the caller's code in the child (MPM kid_new)
     return_in_child: bool = False
-    #: dispositions the fork server changed for itself, restored in its workers
-    restore_signals: dict[int, Any] = attrs.field(factory=dict)
     #: file descriptors of the supervisor's own plumbing, closed in every child
     internal_fds: set[int] = attrs.field(factory=set)
 
@@ -240,8 +238,8 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
     if os.getppid() != parent_pid:
         return EXIT_OK  # the parent died while we were being forked
     close_fds(ctx.internal_fds, sock.fileno())
-    reset_signals()
-    for signum, handler in (*ctx.restore_signals.items(), *ctx.child_signals.items()):
+    reset_signals()  # ends by unblocking every signal: one sent during the fork arrives now
+    for signum, handler in ctx.child_signals.items():
         signal.signal(signum, handler)
     try:
         os.setpgid(0, 0)  # our own group: a kill reaches what the task forked too

@@ -99,11 +99,24 @@ def _run_dispatcher(config: Config, app: Callable[..., Any]) -> Any:
         dispatcher.shutdown()
 
 
+def _run_mpm(config: Config, app: Callable[..., Any]) -> Any:
+    from prefork.mpm import MPM
+
+    server = MPM.from_config(config)
+    owner = os.getpid()
+    try:
+        return app(server)  # the app drives it: `while server.whip_kids(code, args): ...`
+    finally:
+        if os.getpid() == owner:  # a kid_new child returning here must not stop the pool
+            server.done()
+
+
 #: How ``prefork run`` builds the pool of each profile and hands it to the app.
 RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
     "executor": _run_executor,
     "boss-worker": _run_boss_worker,
     "dispatcher": _run_dispatcher,
+    "mpm": _run_mpm,
 }
 
 

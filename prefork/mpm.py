@@ -28,6 +28,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from types import FrameType
@@ -267,10 +268,13 @@ class MPM:
         if os.getpid() != self._owner:
             raise RuntimeError(f"{what} is for the parent; this is a child (pid {os.getpid()})")
 
-    def whip_kids(self, code: Callable[..., Any], args: tuple[Any, ...] | list[Any] = ()) -> int | None:
+    def whip_kids(
+        self, code: Callable[..., Any], args: tuple[Any, ...] | list[Any] = (), timeout: float | None = None
+    ) -> int | None:
         """Keep the children going, each running ``code(*args)``; return 1 as soon
-        as a child changed status, sent data or exited, 0 once ``done`` was called,
-        ``None`` when the pool cannot fork (children fail to boot)."""
+        as a child changed status, sent data or exited (or ``timeout`` seconds
+        passed without that), 0 once ``done`` was called, ``None`` when the pool
+        cannot fork (children fail to boot)."""
         self._check_parent("whip_kids()")
         if self._done:
             return 0
@@ -280,22 +284,26 @@ class MPM:
         elif sup.self_feeding and sup.body is not code:
             raise RuntimeError("whip_kids() was started with another code; use one MPM per kind of child")
         seen = sup.events
+        end = None if timeout is None else time.monotonic() + timeout
         while sup.events == seen:
             if sup._broken is not None:
                 return None
             if self._done or sup.stopped:
                 self._finish_deferred()
                 return 0
-            self._step(sup)
+            left = 1.0 if end is None else end - time.monotonic()
+            if left <= 0:
+                break
+            self._step(sup, min(left, 1.0))
         return 1
 
-    def _step(self, sup: Supervisor) -> None:
+    def _step(self, sup: Supervisor, timeout: float = 1.0) -> None:
         with self._lock:
             if self._done:
                 return
             self._stepping = threading.get_ident()
             try:
-                sup.step(1.0)
+                sup.step(timeout)
             finally:
                 self._stepping = 0
         self._finish_deferred()

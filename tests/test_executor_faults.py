@@ -187,16 +187,8 @@ def test_segfault_fails_only_its_future(mode: str) -> None:
         assert ex.submit(getpid).result(timeout=10) != pid
 
 
-_REQUEUE_BUG = (
-    "a task sent to a worker that dies before starting it is requeued (_supervisor.py _judge) and "
-    "claimed a second time at redispatch (_dispatch: claim(task)); FutureSink.claim calls "
-    "Future.set_running_or_notify_cancel() on a future already RUNNING -> RuntimeError "
-    "'Future in unexpected state' kills the supervisor loop: the requeued task is never answered "
-    "and the pool is torn down"
-)
 
 
-@pytest.mark.xfail(reason=_REQUEUE_BUG, strict=True)
 @pytest.mark.parametrize("mode", MODES)
 def test_task_sent_behind_a_crashing_task_runs_on_the_replacement(tmp_path: Path, mode: str) -> None:
     """With two tasks in flight on one worker (prefetch = 2; the default auto prefetch
@@ -218,7 +210,6 @@ def test_task_sent_behind_a_crashing_task_runs_on_the_replacement(tmp_path: Path
             Path(gate).touch()
 
 
-@pytest.mark.xfail(reason=_REQUEUE_BUG, strict=True)
 def test_task_sent_behind_a_timed_out_task_runs_on_the_replacement(tmp_path: Path) -> None:
     started, gate = tmp_path / "started", str(tmp_path / "gate")
     with Executor(1, overrides={"pool.prefetch": 2, "pool.kill_grace": 0.2}) as ex:
@@ -238,10 +229,7 @@ def test_task_sent_behind_a_timed_out_task_runs_on_the_replacement(tmp_path: Pat
 
 def test_all_workers_killed_at_once_every_task_answered_once(tmp_path: Path) -> None:
     started, gate = tmp_path / "started", str(tmp_path / "gate")
-    # prefetch = 1: each worker holds only the task it runs, so the queued tasks wait in the
-    # supervisor (with auto prefetch they may also be sent behind a victim, which hits the
-    # requeue bug of the two xfail tests above, intermittently, under load)
-    with Executor(2, overrides={"pool.prefetch": 1}) as ex:
+    with Executor(2) as ex:
         try:
             running = [ex.submit(mark_and_wait, str(started), gate) for _ in range(2)]
             victims = _wait_started(started, 2)
@@ -345,12 +333,6 @@ def test_failing_initializer_breaks_the_pool_in_bounded_time() -> None:
         ex.shutdown()
 
 
-@pytest.mark.xfail(
-    reason="Supervisor.submit (_supervisor.py:316) checks _closing before _broken, and _boot_failed "
-    "(_supervisor.py:863) sets _closing together with _broken, so `raise self._broken` (line 321) is "
-    "unreachable: submit raises PoolShutDown('cannot schedule new tasks after shutdown') instead",
-    strict=True,
-)
 def test_submit_to_a_broken_pool_raises_pool_broken() -> None:
     ex = Executor(1, initializer=failing_initializer, initargs=("x",), overrides={"pool.max_boot_failures": 2})
     try:

@@ -276,7 +276,7 @@ def test_large_data_from_several_children_arrives_whole(in_main: bool, tmp_path:
     try:
         end = time.monotonic() + 15
         while time.monotonic() < end:
-            m.whip_kids(yell_big, (size, copies))
+            m.whip_kids(yell_big, (size, copies), timeout=0.2)
             got = len(hooks.items) if in_main else (len(out.read_text().splitlines()) if out.exists() else 0)
             if got >= children * (copies + 1):
                 break
@@ -505,3 +505,27 @@ def test_serve_needs_an_app(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 2
     assert "app is empty" in out.stderr
+
+
+def test_prefork_run_hands_an_mpm_to_the_app(tmp_path: Path) -> None:
+    (tmp_path / "kids.py").write_text(
+        "import os, time\n"
+        "from prefork import mpm\n"
+        "def child(path):\n"
+        "    open(os.path.join(path, str(os.getpid())), 'w').close()\n"
+        "    while True:\n"
+        "        time.sleep(0.05)\n"
+        "def main(server):\n"
+        "    end = time.monotonic() + 10\n"
+        "    while len(os.listdir('marks')) < 3 and time.monotonic() < end:\n"
+        "        server.whip_kids(child, ['marks'], timeout=0.1)\n"
+        "    print('children', len(os.listdir('marks')))\n"
+    )
+    (tmp_path / "marks").mkdir()
+    (tmp_path / "prefork.toml").write_text(
+        'profile = "mpm"\napp = "kids:main"\n[scaling]\nstart_servers = 3\nmin_spare = 1\nmax_spare = 3\nmax_servers = 3\ntick = 0.05\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "prefork", "run"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert "children 3" in out.stdout
