@@ -17,6 +17,7 @@ process (live or zombie) or an orphaned prefork process behind.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import select
@@ -111,6 +112,41 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+def reaped(pid: int) -> bool:
+    """Reap ``pid`` if it is our exited child; true once it is gone (or not ours to reap)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done == pid
+
+
+def wait_for_file(path: str, deadline: float = 10.0) -> int:
+    """A task that blocks until ``path`` exists (a gate the test opens); returns its pid."""
+    end = time.monotonic() + deadline
+    while not os.path.exists(path):
+        if time.monotonic() > end:
+            raise TimeoutError(f"the gate {path} never opened")
+        time.sleep(0.005)
+    return os.getpid()
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def prefork_subreaper() -> Iterator[None]:
+    """Make the test process a subreaper: orphans of the test (a pool's workers after
+    their fork server died, a task's grandchildren) re-parent to it, so the test can
+    check them and reap them with :func:`reaped` instead of leaving them to init."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 @pytest.fixture

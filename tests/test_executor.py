@@ -19,7 +19,7 @@ import pytest
 
 import prefork
 from prefork import Executor
-from prefork.testing import pid_alive, wait_until
+from prefork.testing import pid_alive, wait_for_file, wait_until
 
 # -- tasks (module level: workers are forks and see this module) ----------------------
 
@@ -54,14 +54,6 @@ def fail_on_three(x: int) -> int:
     return x * 10
 
 
-def wait_for_file(path: str, deadline: float = 10.0) -> int:
-    """Block until ``path`` exists (the test's gate); the worker's pid."""
-    end = time.monotonic() + deadline
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise TimeoutError(f"the gate {path} never opened")
-        time.sleep(0.005)
-    return os.getpid()
 
 
 def mark_and_wait(started: str, gate: str, deadline: float = 10.0) -> int:

@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -25,10 +24,9 @@ import pytest
 
 import prefork
 from prefork import Executor
-from prefork.testing import pid_alive, wait_until
+from prefork.testing import pid_alive, reaped, wait_for_file, wait_until
 
 MODES = ["forkserver", "direct"]
-PR_SET_CHILD_SUBREAPER = 36
 
 # -- tasks ---------------------------------------------------------------------------------
 
@@ -50,13 +48,6 @@ def segfault() -> None:
     ctypes.string_at(0)
 
 
-def wait_for_file(path: str, deadline: float = 10.0) -> int:
-    end = time.monotonic() + deadline
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise TimeoutError(f"the gate {path} never opened")
-        time.sleep(0.005)
-    return os.getpid()
 
 
 def mark_and_wait(started: str, gate: str, deadline: float = 10.0) -> int:
@@ -118,23 +109,8 @@ def _wait_gone(pids: list[int], timeout: float = 5.0) -> None:
     wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=timeout, what=f"pids {pids} to be gone")
 
 
-def _reaped(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == pid
 
 
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of this test re-parent to the test process, which reaps them after."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 # -- a worker dies under a task ----------------------------------------------------------------
@@ -297,7 +273,7 @@ def test_default_timeout_from_the_constructor(tmp_path: Path) -> None:
         _check_timeout_kills_only_that_worker(ex, tmp_path, ex.submit, ex.options(timeout=30).submit, 0.5)
 
 
-def test_timeout_kills_the_tasks_grandchildren(tmp_path: Path, subreaper: None) -> None:
+def test_timeout_kills_the_tasks_grandchildren(tmp_path: Path, prefork_subreaper: None) -> None:
     pidfile, gate = tmp_path / "grandchild", str(tmp_path / "gate")
     with Executor(1, overrides={"pool.kill_grace": 0.2}) as ex:
         try:
@@ -308,7 +284,7 @@ def test_timeout_kills_the_tasks_grandchildren(tmp_path: Path, subreaper: None) 
                 fut.result(timeout=10)
             wait_until(lambda: not pid_alive(grandchild), timeout=5, what="the grandchild to be killed")
             # orphaned when its worker died, it re-parented to this test (the subreaper): reap it
-            wait_until(lambda: _reaped(grandchild), timeout=5, what="the grandchild to be reaped")
+            wait_until(lambda: reaped(grandchild), timeout=5, what="the grandchild to be reaped")
             assert ex.submit(square, 2).result(timeout=10) == 4
         finally:
             Path(gate).touch()
@@ -388,7 +364,7 @@ _PARENT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ending", ["sigkill", "exit"])
-def test_the_pool_dies_with_its_parent(subreaper: None, mode: str, ending: str) -> None:
+def test_the_pool_dies_with_its_parent(prefork_subreaper: None, mode: str, ending: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _PARENT_SCRIPT, mode, ending],
         capture_output=True, text=True, timeout=30,
@@ -405,7 +381,7 @@ def test_the_pool_dies_with_its_parent(subreaper: None, mode: str, ending: str) 
     _wait_gone(pids, timeout=2)
     # orphans re-parented to this test (the subreaper) are reaped here; others by init
     for pid in pids:
-        wait_until(lambda pid=pid: _reaped(pid), timeout=5, what=f"{pid} to be reaped")
+        wait_until(lambda pid=pid: reaped(pid), timeout=5, what=f"{pid} to be reaped")
 
 
 # -- forking while a thread holds a lock -----------------------------------------------------

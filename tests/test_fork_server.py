@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
 import prefork
-from prefork.testing import pid_alive, wait_until
-
-PR_SET_CHILD_SUBREAPER = 36
+from prefork.testing import pid_alive, reaped, wait_until
 
 
 def parent_of(pid: int) -> int:
@@ -23,15 +19,6 @@ def parent_of(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
-@pytest.fixture
-def subreaper() -> Iterator[None]:
-    """Orphans of this test re-parent to the test process, which reaps them."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def test_workers_are_children_of_the_fork_server() -> None:
@@ -48,7 +35,7 @@ def test_direct_mode_forks_from_the_caller() -> None:
         assert [parent_of(pid) for pid in ex.pids()] == [os.getpid()]
 
 
-def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(subreaper: None) -> None:
+def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(prefork_subreaper: None) -> None:
     ex = prefork.Executor(1)
     try:
         running = ex.submit(time.sleep, 30)
@@ -64,15 +51,8 @@ def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(subreaper: None) 
         assert not pid_alive(old_worker)
     finally:
         ex.shutdown()
-    wait_until(lambda: _reap(old_worker), what="the orphaned worker to be reaped")
+    wait_until(lambda: reaped(old_worker), what="the orphaned worker to be reaped")
 
-
-def _reap(pid: int) -> bool:
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == pid
 
 
 LOCK = threading.Lock()
