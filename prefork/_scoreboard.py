@@ -27,6 +27,7 @@ TASK: Final = 2  #: id of the last task started (kept after it ends)
 STARTED: Final = 3  #: monotonic_ns when that task started
 DONE: Final = 4  #: tasks finished by this worker
 SINCE: Final = 5  #: monotonic_ns of the last state change
+STACKFD: Final = 6  #: the worker's fd (in its own table) where faulthandler dumps its stack
 WORDS: Final = 8
 
 
@@ -45,6 +46,7 @@ class Scoreboard:
         w[base + STARTED] = 0
         w[base + DONE] = 0
         w[base + SINCE] = time.monotonic_ns()
+        w[base + STACKFD] = -1
 
     def set_state(self, slot: int, state: int) -> None:
         base = slot * WORDS

@@ -72,14 +72,18 @@ def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket
     return pid, parent_sock
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
+def _signal_group(pid: int, sig: int, group: bool = True) -> None:
+    """``sig`` to the worker's process group (what its tasks started too), or to it alone."""
+    if group:
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            os.killpg(pid, sig)
+            return
+        except (ProcessLookupError, PermissionError):
             pass
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def reap_worker(pid: int) -> int:
@@ -130,9 +134,9 @@ class DirectSpawner:
         os.close(fd)
         return [("exited", pid, reap_worker(pid))]
 
-    def signal(self, pid: int, sig: int) -> None:
+    def signal(self, pid: int, sig: int, group: bool = True) -> None:
         if pid in self._pidfds.values():
-            _signal_group(pid, sig)
+            _signal_group(pid, sig, group)
 
     def alive(self) -> bool:
         return True
@@ -190,8 +194,8 @@ class ForkServer:
         ready, self._ready = self._ready, []
         return ready
 
-    def signal(self, pid: int, sig: int) -> None:
-        self._send(("signal", pid, sig))
+    def signal(self, pid: int, sig: int, group: bool = True) -> None:
+        self._send(("signal", pid, sig, group))
 
     def alive(self) -> bool:
         return not self._dead
@@ -315,9 +319,9 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
                 finally:
                     wsock.close()
             elif msg[0] == "signal":
-                _, pid, sig = msg
+                _, pid, sig, group = msg
                 if pid in children:
-                    _signal_group(pid, sig)
+                    _signal_group(pid, sig, group)
             elif msg[0] == "stop" and running:
                 running = False
                 sel.unregister(sock)

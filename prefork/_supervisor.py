@@ -43,7 +43,7 @@ from prefork import _frames, _scoreboard
 from prefork._call import Caller, decode_error
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
-from prefork._worker import EXIT_BOOT_FAILED, WorkerContext
+from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
 from prefork.errors import PoolBroken, PreforkError, TaskTimeout, WorkerLost, describe_status
 from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import Decision, PoolStats
@@ -59,6 +59,7 @@ AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is dee
 SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
 LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
+STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
@@ -92,6 +93,8 @@ class _Worker:
         "serial",
         "slot",
         "spawned_at",
+        "stack_seen",
+        "stack_wait",
         "state",
         "status",
         "stop_sent",
@@ -113,6 +116,8 @@ class _Worker:
         self.kill_at = math.inf  # SIGKILL escalation time
         self.stop_sent = False
         self.lost = False  # its fork server died: no exit status will come
+        self.stack_wait = 0.0  # a stack dump was asked for; give up waiting at this time
+        self.stack_seen = 0
         self.reason = ""  # why it is leaving, when we know
         self.info: WorkerInfo | None = None
 
@@ -713,10 +718,22 @@ class Supervisor:
         if started + task.timeout > now:
             heapq.heappush(self._deadlines, (started + task.timeout, task.id))
             return
+        # first ask the worker for its stack (faulthandler), then fail the task and kill
+        fd = self.scoreboard.words[w.slot * _scoreboard.WORDS + _scoreboard.STACKFD]
+        if w.stack_wait == 0.0 and fd >= 0:
+            w.stack_wait = now + STACK_WAIT
+            self.spawner.signal(w.pid, STACK_SIGNAL, group=False)
+        if fd >= 0 and now < w.stack_wait:
+            stack = read_stack(w.pid, fd)
+            if not stack or len(stack) != w.stack_seen:
+                w.stack_seen = len(stack)  # still being written: look again shortly
+                heapq.heappush(self._deadlines, (min(now + 0.02, w.stack_wait), task.id))
+                return
+        stack = read_stack(w.pid, fd)
         self._tasks.pop(task.id, None)
         w.inflight.popleft()
         task.started_at = started
-        self._finish(task, False, TaskTimeout(task.timeout, w.pid))
+        self._finish(task, False, TaskTimeout(task.timeout, w.pid, stack))
         self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
         self._retire(w, "a task timed out", kill=True)
 

@@ -11,6 +11,7 @@ scoreboard.  It always leaves through ``os._exit`` with a named code.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import random
 import signal
@@ -147,6 +148,32 @@ class WorkerHandle:
         raise SystemExit(code & 0xFF)  # a body: its finally blocks run, then _run_body leaves
 
 
+#: the signal that makes a worker write its stack (all threads) for the supervisor
+STACK_SIGNAL: Final = signal.SIGUSR2
+
+
+def _arm_stack_dump(ctx: WorkerContext, info: WorkerInfo) -> None:
+    """faulthandler writes every thread's stack to a memory file on STACK_SIGNAL;
+    the supervisor reads it through /proc before it kills a stuck worker."""
+    try:
+        fd = os.memfd_create(f"prefork-stack-{info.pid}", os.MFD_CLOEXEC)
+        faulthandler.register(STACK_SIGNAL, file=fd, all_threads=True)
+    except (OSError, AttributeError, RuntimeError, ValueError):
+        return
+    ctx.scoreboard.words[info.slot * _scoreboard.WORDS + _scoreboard.STACKFD] = fd
+
+
+def read_stack(pid: int, fd: int) -> str:
+    """The stack a worker dumped (see _arm_stack_dump), or "" if there is none."""
+    if fd < 0:
+        return ""
+    try:
+        with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+            return f.read(1 << 20).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm", "rb") as f:
@@ -247,6 +274,7 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
         pass
     info.pid = os.getpid()
     set_title(ctx.title)
+    _arm_stack_dump(ctx, info)
     channel = ctx.transport.child_channel(sock)
     global _current
     handle = _current = WorkerHandle(ctx, info, channel)

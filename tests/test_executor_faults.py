@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -427,3 +428,24 @@ def test_direct_mode_replacement_inherits_a_held_lock() -> None:
                 ex.options(timeout=0.5).submit(locked_one).result(timeout=10)
 
         _hold_lock_then(ex, run_locked)
+
+
+def spin_in_python_forever() -> None:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        pass
+
+
+def sleep_in_c(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.parametrize("fn", [spin_in_python_forever, sleep_in_c])
+def test_a_timeout_carries_the_stack_of_the_stuck_worker(fn: Callable[..., None]) -> None:
+    with Executor(1) as ex:
+        args = () if fn is spin_in_python_forever else (30,)
+        with pytest.raises(prefork.TaskTimeout) as info:
+            ex.options(timeout=0.3).submit(fn, *args).result(timeout=10)
+    assert "stack of the stuck worker" in str(info.value)
+    assert f"in {fn.__name__}" in info.value.stack
+    assert "Current thread" in info.value.stack
