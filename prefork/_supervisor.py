@@ -179,6 +179,7 @@ class Supervisor:
         self.kill_grace = pool.kill_grace
         self.boot_timeout = pool.boot_timeout
         self.max_boot_failures = pool.max_boot_failures
+        self.max_crash_retries = pool.max_crash_retries
         self.threaded = threaded
 
         self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.max_workers + 2))
@@ -837,7 +838,13 @@ class Supervisor:
                 continue
             self._tasks.pop(task.id, None)
             if i <= started_upto:
-                self._finish(task, False, WorkerLost(w.pid, status, started=True))
+                task.crashes += 1
+                if task.crashes <= self.max_crash_retries and not self._force:
+                    task.retries += 1  # claimed already: do not claim it again
+                    requeue.append(task)
+                    continue
+                detail = f"poison task: {task.crashes} workers died running it" if task.crashes > 1 else ""
+                self._finish(task, False, WorkerLost(w.pid, status, started=True, detail=detail))
             elif task.retries >= MAX_REDISPATCH or self._force:
                 detail = "the pool was stopped" if self._force else f"its worker died {task.retries + 1} times before it could start"
                 self._finish(task, False, WorkerLost(w.pid, status, started=False, detail=detail))

@@ -18,6 +18,7 @@ class Task:
         "args",
         "callback",
         "context",
+        "crashes",
         "done",
         "finished_at",
         "handle",
@@ -50,7 +51,8 @@ class Task:
         self.callback = callback
         self.handle: Any = None
         self.payload: bytes = b""
-        self.retries = 0
+        self.retries = 0  #: re-dispatches after a worker died before starting it
+        self.crashes = 0  #: workers that died while running it
         self.done = False
         self.submitted_at = 0.0
         self.started_at = 0.0

@@ -449,3 +449,31 @@ def test_a_timeout_carries_the_stack_of_the_stuck_worker(fn: Callable[..., None]
     assert "stack of the stuck worker" in str(info.value)
     assert f"in {fn.__name__}" in info.value.stack
     assert "Current thread" in info.value.stack
+
+
+def die_first_times(counter: str, deaths: int) -> int:
+    """Dies (SIGKILL, like the OOM killer) the first ``deaths`` times it runs, then succeeds."""
+    with open(counter, "a") as f:
+        f.write("x")
+    if len(Path(counter).read_text()) <= deaths:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def test_crash_retries_run_a_task_again_then_fail_it_as_poison(tmp_path: Path) -> None:
+    with Executor(1, overrides={"pool.max_crash_retries": 2}) as ex:
+        survivor = ex.submit(die_first_times, str(tmp_path / "a"), 2)
+        assert survivor.result(timeout=20) in ex.pids()  # third run, on a third worker
+        poison = ex.submit(die_first_times, str(tmp_path / "b"), 10)
+        with pytest.raises(prefork.WorkerLost, match="poison task: 3 workers died running it") as info:
+            poison.result(timeout=20)
+        assert info.value.signal_name == "SIGKILL"
+        assert ex.submit(os.getpid).result(timeout=10) in ex.pids()
+    assert (tmp_path / "a").read_text() == "xxx" and (tmp_path / "b").read_text() == "xxx"
+
+
+def test_without_crash_retries_a_crashed_task_runs_once(tmp_path: Path) -> None:
+    with Executor(1) as ex:
+        with pytest.raises(prefork.WorkerLost, match="while running the task"):
+            ex.submit(die_first_times, str(tmp_path / "c"), 1).result(timeout=10)
+    assert (tmp_path / "c").read_text() == "x"

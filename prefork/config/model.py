@@ -221,6 +221,11 @@ class PoolConfig:
         default=0.0, converter=_as_float, validator=_seconds(0),
         metadata=_doc("seconds a task may run before its worker is killed (0: no limit)"),
     )
+    max_crash_retries: int = attrs.field(
+        default=0, validator=_int_ge(0),
+        metadata=_doc("run a task again when its worker died while running it, at most this often; then it "
+                      "fails as a poison task (a task that never started is always re-dispatched)"),
+    )
     kill_grace: float = attrs.field(
         default=1.0, converter=_as_float, validator=_seconds(0, strict=True),
         metadata=_doc("seconds between SIGTERM and SIGKILL when a worker is stopped"),
