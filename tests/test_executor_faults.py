@@ -473,7 +473,6 @@ def test_crash_retries_run_a_task_again_then_fail_it_as_poison(tmp_path: Path) -
 
 
 def test_without_crash_retries_a_crashed_task_runs_once(tmp_path: Path) -> None:
-    with Executor(1) as ex:
-        with pytest.raises(prefork.WorkerLost, match="while running the task"):
-            ex.submit(die_first_times, str(tmp_path / "c"), 1).result(timeout=10)
+    with Executor(1) as ex, pytest.raises(prefork.WorkerLost, match="while running the task"):
+        ex.submit(die_first_times, str(tmp_path / "c"), 1).result(timeout=10)
     assert (tmp_path / "c").read_text() == "x"
