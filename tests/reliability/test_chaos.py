@@ -57,7 +57,7 @@ def test_random_kills_lose_nothing_and_duplicate_nothing(tmp_path: Path, mode: s
                 futures.append(ex.submit(ledger_task, ledger, n))
                 if n % 100 == 0:
                     time.sleep(0.01)  # keep the storm going while tasks arrive
-            done, pending = wait(futures, timeout=60)
+            _, pending = wait(futures, timeout=60)
         finally:
             stop.set()
             chaos.join(10)
