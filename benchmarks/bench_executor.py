@@ -1,0 +1,337 @@
+"""prefork.Executor beside the process pools people use today, in one run.
+
+    python benchmarks/bench_executor.py                 # every case, 5 rounds
+    python benchmarks/bench_executor.py --quick         # a smoke run
+    python benchmarks/bench_executor.py --only submit,roundtrip --rounds 3
+
+Cases (2 workers everywhere):
+  submit     N no-op tasks submitted one by one, then waited for   tasks/s, higher is better
+  map        M no-op tasks through the pool's bulk map, chunked     tasks/s, higher is better
+  roundtrip  one no-op task at a time, submit to result             p50 and p99 in µs, lower is better
+  start      creating the pool until the first result is back       ms, lower is better
+  shutdown   shutting down a pool whose workers are idle            ms, lower is better
+  cpu        200 tasks of 10 ms of CPU each                         % of the ideal, higher is better
+
+Within a round every pool runs every case, the order of the pools rotating
+from round to round; the table shows medians over the rounds and each
+pool's ratio to the best peer (prefork is not a peer of itself).  Peers that
+are not installed (loky, pebble, mpire, billiard) are skipped with a note:
+``pip install -r benchmarks/requirements.txt`` brings them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import _tasks  # noqa: E402  (benchmarks/_tasks.py: functions every pool pickles by reference)
+import prefork  # noqa: E402  (imported before any timing, as the peers are)
+
+WORKERS = 2
+HIGHER_IS_BETTER = {"submit": True, "map": True, "roundtrip_p50": False, "roundtrip_p99": False,
+                    "start": False, "shutdown": False, "cpu": True}
+UNITS = {"submit": "tasks/s", "map": "tasks/s", "roundtrip_p50": "µs", "roundtrip_p99": "µs",
+         "start": "ms", "shutdown": "ms", "cpu": "% ideal"}
+
+
+class Adapter:
+    """One pool behind the same five operations."""
+
+    name = "?"
+
+    def start(self) -> None: ...
+    def submit_all(self, fn: Callable[..., Any], argss: list[tuple[Any, ...]]) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]: ...
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+    def stop(self) -> None: ...
+
+
+class PreforkAdapter(Adapter):
+    name = "prefork"
+
+    def start(self) -> None:
+        self.pool = prefork.Executor(WORKERS)
+
+    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
+        futures = [self.pool.submit(fn, *a) for a in argss]
+        return [f.result() for f in futures]
+
+    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        return list(self.pool.map(fn, items, chunksize=chunksize))
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return self.pool.submit(fn, *args).result()
+
+    def stop(self) -> None:
+        self.pool.shutdown()
+
+
+class MPPoolAdapter(Adapter):
+    name = "mp.Pool"
+
+    def start(self) -> None:
+        self.pool = multiprocessing.get_context("fork").Pool(WORKERS)
+
+    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
+        results = [self.pool.apply_async(fn, a) for a in argss]
+        return [r.get() for r in results]
+
+    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        return self.pool.map(fn, items, chunksize=chunksize)
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return self.pool.apply(fn, args)
+
+    def stop(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+class FuturesAdapter(Adapter):
+    """Any concurrent.futures-style executor: ProcessPoolExecutor, loky, pebble's futures."""
+
+    def __init__(self, name: str, factory: Callable[[], Any]) -> None:
+        self.name = name
+        self.factory = factory
+
+    def start(self) -> None:
+        self.pool = self.factory()
+
+    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
+        futures = [self.pool.submit(fn, *a) for a in argss]
+        return [f.result() for f in futures]
+
+    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        return list(self.pool.map(fn, items, chunksize=chunksize))
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return self.pool.submit(fn, *args).result()
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class PebbleAdapter(Adapter):
+    name = "pebble"
+
+    def start(self) -> None:
+        import pebble
+
+        self.pool = pebble.ProcessPool(max_workers=WORKERS, context=multiprocessing.get_context("fork"))
+
+    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
+        futures = [self.pool.schedule(fn, args=a) for a in argss]
+        return [f.result() for f in futures]
+
+    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        return list(self.pool.map(fn, items, chunksize=chunksize).result())
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return self.pool.schedule(fn, args=args).result()
+
+    def stop(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+class MpireAdapter(Adapter):
+    name = "mpire"
+
+    def start(self) -> None:
+        import mpire
+
+        self.pool = mpire.WorkerPool(n_jobs=WORKERS, start_method="fork", keep_alive=True)
+        self.pool.__enter__()
+
+    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
+        results = [self.pool.apply_async(fn, a) for a in argss]
+        return [r.get() for r in results]
+
+    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        return self.pool.map(fn, items, chunk_size=chunksize, progress_bar=False)
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        return self.pool.apply(fn, args)
+
+    def stop(self) -> None:
+        self.pool.__exit__(None, None, None)
+
+
+class BilliardAdapter(MPPoolAdapter):
+    name = "billiard"
+
+    def start(self) -> None:
+        import billiard
+
+        self.pool = billiard.Pool(WORKERS)
+
+
+def adapters() -> list[Adapter]:
+    found: list[Adapter] = [
+        PreforkAdapter(),
+        MPPoolAdapter(),
+        FuturesAdapter("ProcessPoolExecutor", lambda: cf.ProcessPoolExecutor(
+            WORKERS, mp_context=multiprocessing.get_context("fork"))),
+    ]
+    optional: list[tuple[str, Callable[[], Adapter]]] = [
+        ("loky", lambda: FuturesAdapter("loky", lambda: __import__("loky").ProcessPoolExecutor(WORKERS))),
+        ("pebble", PebbleAdapter),
+        ("mpire", MpireAdapter),
+        ("billiard", BilliardAdapter),
+    ]
+    for module, make in optional:
+        try:
+            __import__(module)
+        except ImportError:
+            print(f"note: {module} is not installed; skipped (pip install -r benchmarks/requirements.txt)")
+            continue
+        found.append(make())
+    return found
+
+
+# -- the cases ----------------------------------------------------------------------------
+
+
+def case_submit(a: Adapter, n: int) -> dict[str, float]:
+    a.start()
+    try:
+        a.call(_tasks.noop)
+        t = time.perf_counter()
+        out = a.submit_all(_tasks.noop_arg, [(i,) for i in range(n)])
+        elapsed = time.perf_counter() - t
+        assert out == list(range(n))
+        return {"submit": n / elapsed}
+    finally:
+        a.stop()
+
+
+def case_map(a: Adapter, n: int) -> dict[str, float]:
+    a.start()
+    try:
+        a.call(_tasks.noop)
+        chunksize = max(1, n // (WORKERS * 40))
+        t = time.perf_counter()
+        out = a.map(_tasks.noop_arg, list(range(n)), chunksize)
+        elapsed = time.perf_counter() - t
+        assert list(out) == list(range(n))
+        return {"map": n / elapsed}
+    finally:
+        a.stop()
+
+
+def case_roundtrip(a: Adapter, n: int) -> dict[str, float]:
+    a.start()
+    try:
+        for _ in range(50):
+            a.call(_tasks.noop)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            a.call(_tasks.noop)
+            samples.append((time.perf_counter_ns() - t) / 1000)
+        samples.sort()
+        return {"roundtrip_p50": samples[len(samples) // 2], "roundtrip_p99": samples[int(len(samples) * 0.99)]}
+    finally:
+        a.stop()
+
+
+def case_start_shutdown(a: Adapter, n: int) -> dict[str, float]:
+    t = time.perf_counter()
+    a.start()
+    a.call(_tasks.noop)
+    started = time.perf_counter() - t
+    for _ in range(WORKERS * 4):  # every worker up and idle
+        a.call(_tasks.noop)
+    t = time.perf_counter()
+    a.stop()
+    return {"start": started * 1000, "shutdown": (time.perf_counter() - t) * 1000}
+
+
+def case_cpu(a: Adapter, n: int) -> dict[str, float]:
+    a.start()
+    try:
+        a.call(_tasks.noop)
+        work = _tasks.calibrate(0.010)
+        t = time.perf_counter()
+        a.submit_all(_tasks.burn, [(work,)] * n)
+        elapsed = time.perf_counter() - t
+        ideal = n * 0.010 / WORKERS
+        return {"cpu": 100 * ideal / elapsed}
+    finally:
+        a.stop()
+
+
+CASES: dict[str, Callable[[Adapter, int], dict[str, float]]] = {
+    "submit": case_submit,
+    "map": case_map,
+    "roundtrip": case_roundtrip,
+    "start": case_start_shutdown,
+    "cpu": case_cpu,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--only", default="", help="comma-separated cases: " + ",".join(CASES))
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "executor.json"))
+    args = p.parse_args(argv)
+    sizes = {"submit": 20_000, "map": 200_000, "roundtrip": 2_000, "start": 1, "cpu": 200}
+    if args.quick:
+        sizes = {"submit": 2_000, "map": 20_000, "roundtrip": 200, "start": 1, "cpu": 20}
+    chosen = [c for c in (args.only.split(",") if args.only else CASES) if c]
+    for c in chosen:
+        if c not in CASES:
+            p.error(f"unknown case {c!r}; cases: {', '.join(CASES)}")
+    pools = adapters()
+    runs: dict[str, dict[str, list[float]]] = {a.name: {} for a in pools}
+    for r in range(args.rounds):
+        order = pools[r % len(pools):] + pools[: r % len(pools)]
+        for case in chosen:
+            for a in order:
+                for metric, value in CASES[case](a, sizes[case]).items():
+                    runs[a.name].setdefault(metric, []).append(value)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    medians = {name: {m: statistics.median(v) for m, v in metrics.items()} for name, metrics in runs.items()}
+    report(medians)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "workers": WORKERS, "rounds": args.rounds, "sizes": {c: sizes[c] for c in chosen},
+        "cpus": os.cpu_count(), "python": sys.version.split()[0], "medians": medians, "runs": runs,
+    }, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+def report(medians: dict[str, dict[str, float]]) -> None:
+    names = list(medians)
+    metrics = [m for m in HIGHER_IS_BETTER if any(m in medians[n] for n in names)]
+    width = max(12, *(len(n) for n in names))
+    print("\nmedians" + " " * (16 - 7) + "".join(f"{n:>{width}}" for n in names) + f"{'prefork/best peer':>20}")
+    for m in metrics:
+        row = [medians[n].get(m, float("nan")) for n in names]
+        peers = [v for n, v in zip(names, row, strict=True) if n != "prefork" and v == v]
+        best = (max(peers) if HIGHER_IS_BETTER[m] else min(peers)) if peers else float("nan")
+        ours = medians["prefork"].get(m, float("nan"))
+        ratio = (ours / best if HIGHER_IS_BETTER[m] else best / ours) if best == best and ours else float("nan")
+        label = f"{m} ({UNITS[m]})"
+        print(f"{label:<16}" + "".join(f"{v:>{width},.1f}" for v in row) + f"{ratio:>19.2f}x")
+    print("\nratio > 1: prefork is better than the best peer (for times and latencies: faster)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
