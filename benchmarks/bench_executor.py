@@ -36,8 +36,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import _tasks  # noqa: E402  (benchmarks/_tasks.py: functions every pool pickles by reference)
-import prefork  # noqa: E402  (imported before any timing, as the peers are)
+# _tasks: functions every pool pickles by reference; prefork is imported before any
+# timing starts, as the peers are
+import _tasks
+
+import prefork
 
 WORKERS = 2
 HIGHER_IS_BETTER = {"submit": True, "map": True, "roundtrip_p50": False, "roundtrip_p99": False,
