@@ -8,8 +8,8 @@
 Without ``-c``, ``./prefork.toml`` is read when it exists.  ``run`` imports the
 config's ``app = "module:callable"`` (the current directory is importable),
 builds the pool the profile names, calls ``app(pool)`` and shuts the pool down;
-SIGINT and SIGTERM stop it cleanly (queued tasks are cancelled, workers
-stopped).  The exit code is the app's return value when it is an int.
+SIGINT and SIGTERM stop it promptly (queued tasks are cancelled, running ones
+get ``pool.kill_grace`` seconds, then their workers are killed).  The exit code is the app's return value when it is an int.
 """
 
 from __future__ import annotations
@@ -70,7 +70,10 @@ def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
     try:
         return app(pool)
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # stopped (a signal) or failed: cancel what waits, give what runs kill_grace, then kill
+        pool.shutdown(wait=False, cancel_futures=True)
+        if not pool._sup.join(config.pool.kill_grace):
+            pool.kill()
         raise
     finally:
         pool.shutdown(wait=True)
