@@ -180,6 +180,7 @@ class Supervisor:
         self.boot_timeout = pool.boot_timeout
         self.max_boot_failures = pool.max_boot_failures
         self.max_crash_retries = pool.max_crash_retries
+        self.max_worker_age = pool.max_worker_age
         self.threaded = threaded
 
         self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.max_workers + 2))
@@ -387,6 +388,8 @@ class Supervisor:
 
     def _next_wait(self, now: float) -> float:
         wait = self._next_tick - now
+        if self.max_worker_age and not self.self_feeding:
+            wait = min(wait, 0.25)  # ages are looked at a few times a second
         if self._deadlines:
             wait = min(wait, self._deadlines[0][0] - now)
         for w in self._workers.values():
@@ -533,8 +536,12 @@ class Supervisor:
             elif kind == _frames.BOOTFAIL:
                 w.boot_error = frame[1:].decode("utf-8", "replace")
             elif kind == _frames.LEAVING:
-                w.state = RETIRING
-                w.reason = frame[1:].decode("utf-8", "replace")
+                reason = frame[1:].decode("utf-8", "replace")
+                if self.self_feeding:
+                    w.state = RETIRING  # it is on its way out
+                    w.reason = reason
+                else:  # a task worker asks to be recycled: STOP follows what it holds
+                    self._retire(w, reason, replace=True)
             elif kind == _frames.DATA:
                 payload, code = _frames.decode_data(frame)
                 try:
@@ -693,6 +700,8 @@ class Supervisor:
             if task is not None:
                 self._check_timeout(task, now)
         for w in list(self._workers.values()):
+            if self.max_worker_age and w.state == READY and now - w.spawned_at > self.max_worker_age:
+                self._retire(w, f"max_worker_age reached ({self.max_worker_age:g} s)", replace=True)
             if w.kill_at <= now and w.pid:
                 self.spawner.signal(w.pid, signal.SIGKILL)
                 w.kill_at = math.inf

@@ -350,6 +350,9 @@ def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
 
 def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> str:
     caller = Caller(ctx.serializer, ctx.resolver, ctx.hook, info)
+    rss_limit = ctx.max_rss_mb * 2**20
+    rss_base = _rss_bytes() if rss_limit else 0  # read after each batch, only when a limit is set
+    asked = False
     words = ctx.scoreboard.words
     base = info.slot * _scoreboard.WORDS
     monotonic = time.monotonic
@@ -389,3 +392,9 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
         words[base + _scoreboard.SINCE] = monotonic_ns()
         if out:
             send(head + b"".join(out))
+        if rss_limit and not asked:
+            grown = _rss_bytes() - rss_base
+            if grown > rss_limit:
+                asked = True  # the supervisor sends STOP after what we hold: nothing is lost
+                send(bytes([_frames.LEAVING]) + f"memory grew by {grown / 2**20:.0f} MiB since boot "
+                     f"(max_rss_mb = {ctx.max_rss_mb:g})".encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import faulthandler
+import itertools
 import json
 import os
 import signal
@@ -476,3 +477,33 @@ def test_without_crash_retries_a_crashed_task_runs_once(tmp_path: Path) -> None:
     with Executor(1) as ex, pytest.raises(prefork.WorkerLost, match="while running the task"):
         ex.submit(die_first_times, str(tmp_path / "c"), 1).result(timeout=10)
     assert (tmp_path / "c").read_text() == "x"
+
+
+GROWTH: list[bytes] = []
+
+
+def grow(mib: int) -> int:
+    GROWTH.append(b"x" * (mib * 2**20))
+    return os.getpid()
+
+
+def test_a_task_worker_whose_memory_grows_is_recycled_without_losing_tasks() -> None:
+    with Executor(1, overrides={"pool.max_rss_mb": 30}) as ex:
+        pids = [ex.submit(grow, 20).result(timeout=10) for _ in range(6)]
+    # 20 MiB per task against 30 MiB: every worker is recycled after its second task
+    runs = [len(list(g)) for _, g in itertools.groupby(pids)]
+    assert runs == [2, 2, 2], pids
+
+
+def test_max_worker_age_recycles_idle_and_busy_workers_after_their_tasks() -> None:
+    with Executor(1, overrides={"pool.max_worker_age": 0.3}) as ex:
+        first = ex.submit(os.getpid).result(timeout=10)
+        slow = ex.submit(sleep_then_pid, 0.6)
+        assert slow.result(timeout=10) == first  # the old worker finished what it held
+        wait_until(lambda: first not in ex.pids(), what="the old worker to leave")
+        assert ex.submit(os.getpid).result(timeout=10) != first
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

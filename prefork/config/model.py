@@ -210,8 +210,12 @@ class PoolConfig:
     )
     max_rss_mb: float = attrs.field(
         default=0.0, converter=_as_float, validator=_seconds(0),
-        metadata=_doc("a self-feeding worker (mpm) whose memory grew by more than this many MiB since it booted "
-                      "leaves at its next idle() (0: no limit)"),
+        metadata=_doc("recycle a worker whose memory (RSS) grew by more than this many MiB since it booted: a task "
+                      "worker finishes the tasks it holds first, a self-feeding one leaves at its next idle() (0: no limit)"),
+    )
+    max_worker_age: float = attrs.field(
+        default=0.0, converter=_as_float, validator=_seconds(0),
+        metadata=_doc("recycle a task worker once it is this many seconds old, after the tasks it holds (0: never)"),
     )
     graceful_timeout: float = attrs.field(
         default=30.0, converter=_as_float, validator=_seconds(0, strict=True),
