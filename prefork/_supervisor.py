@@ -41,6 +41,7 @@ from typing import Any, Final
 
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, decode_error
+from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
@@ -333,7 +334,13 @@ class Supervisor:
         try:
             task.payload = self.serializer.dumps((method, args, kwargs))
         except Exception as exc:
-            err = TypeError(f"task {task.id}: its method or arguments cannot be serialized with {self.serializer.name!r}: {exc}")
+            where = find_unserializable(method, self.serializer.dumps, "method")
+            where = where or find_unserializable(args, self.serializer.dumps, "args")
+            where = where or find_unserializable(kwargs, self.serializer.dumps, "kwargs")
+            at = f" (at {where})" if where else ""
+            err = TypeError(
+                f"task {task.id}: its method or arguments cannot be serialized with {self.serializer.name!r}{at}: {exc}"
+            )
             err.__cause__ = exc
             self._finish(task, False, err)
             return handle
