@@ -490,9 +490,11 @@ def grow(mib: int) -> int:
 def test_a_task_worker_whose_memory_grows_is_recycled_without_losing_tasks() -> None:
     with Executor(1, overrides={"pool.max_rss_mb": 30}) as ex:
         pids = [ex.submit(grow, 20).result(timeout=10) for _ in range(6)]
-    # 20 MiB per task against 30 MiB: every worker is recycled after its second task
+    # 20 MiB per task against 30 MiB: a worker asks to be recycled after its second task; a task
+    # already on its way to it still runs there (nothing is lost), so a worker runs 2 or 3
     runs = [len(list(g)) for _, g in itertools.groupby(pids)]
-    assert runs == [2, 2, 2], pids
+    assert len(runs) >= 2 and all(n in (2, 3) for n in runs[:-1]) and sum(runs) == 6, pids
+    assert len(set(pids)) == len(runs)  # a recycled worker never comes back
 
 
 def test_max_worker_age_recycles_idle_and_busy_workers_after_their_tasks() -> None:
