@@ -509,3 +509,14 @@ def test_max_worker_age_recycles_idle_and_busy_workers_after_their_tasks() -> No
 def sleep_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def test_workers_ignore_sigint_the_supervisor_decides(tmp_path: Path) -> None:
+    gate = str(tmp_path / "gate")
+    with Executor(1) as ex:
+        running = ex.submit(wait_for_file, gate, 10)
+        pid = wait_until(lambda: ex.stats()["busy"] == 1 and ex.pids()[0], what="a busy worker")
+        os.kill(pid, signal.SIGINT)  # as a terminal's Ctrl-C would, to the whole foreground group
+        Path(gate).touch()
+        assert running.result(timeout=10) == pid
+        assert ex.pids() == [pid]
