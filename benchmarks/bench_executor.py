@@ -61,26 +61,6 @@ class Adapter:
     def stop(self) -> None: ...
 
 
-class PreforkAdapter(Adapter):
-    name = "prefork"
-
-    def start(self) -> None:
-        self.pool = prefork.Executor(WORKERS)
-
-    def submit_all(self, fn, argss):  # type: ignore[no-untyped-def]
-        futures = [self.pool.submit(fn, *a) for a in argss]
-        return [f.result() for f in futures]
-
-    def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
-        return list(self.pool.map(fn, items, chunksize=chunksize))
-
-    def call(self, fn, *args):  # type: ignore[no-untyped-def]
-        return self.pool.submit(fn, *args).result()
-
-    def stop(self) -> None:
-        self.pool.shutdown()
-
-
 class MPPoolAdapter(Adapter):
     name = "mp.Pool"
 
@@ -183,7 +163,7 @@ class BilliardAdapter(MPPoolAdapter):
 
 def adapters() -> list[Adapter]:
     found: list[Adapter] = [
-        PreforkAdapter(),
+        FuturesAdapter("prefork", lambda: prefork.Executor(WORKERS)),
         MPPoolAdapter(),
         FuturesAdapter("ProcessPoolExecutor", lambda: cf.ProcessPoolExecutor(
             WORKERS, mp_context=multiprocessing.get_context("fork"))),

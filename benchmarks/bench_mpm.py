@@ -52,6 +52,7 @@ from typing import Any
 import prefork
 from prefork import mpm
 from prefork.mpm import MPM
+from prefork.testing import descendants
 
 try:
     from setproctitle import setproctitle
@@ -189,17 +190,6 @@ def _proc_table() -> dict[int, tuple[int, str, int]]:
     return table
 
 
-def descendants(root: int, table: dict[int, tuple[int, str, int]] | None = None) -> set[int]:
-    table = _proc_table() if table is None else table
-    found: set[int] = set()
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, _, _) in table.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                frontier.append(pid)
-    return found
 
 
 def server_view(master: int) -> tuple[set[int], set[int], float]:
