@@ -22,7 +22,7 @@ from typing import Any
 
 from prefork._supervisor import PoolShutDown, Supervisor
 from prefork._task import Task
-from prefork.config import Config, load_config
+from prefork.config import Config, load_facade_config
 from prefork.errors import ConfigError, PreforkError
 from prefork.strategies.resolver import import_object
 from prefork.strategies.sink import Outcome, QueueSink
@@ -94,26 +94,20 @@ class BossWorker:
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        kw: dict[str, Any] = dict(overrides or {})
-        if config is None:
-            kw.setdefault("profile", "boss-worker")
-        for key, value in (
-            ("boss_worker.work_handler", work_handler),
-            ("boss_worker.result_handler", result_handler),
-            ("boss_worker.ordered", ordered),
-            ("boss_worker.with_ids", with_ids),
-            ("boss_worker.max_pending", max_pending),
-            ("boss_worker.when_full", when_full),
-            ("pool.initializer", init_handler),
-            ("pool.finalizer", exit_handler),
-            ("pool.task_timeout", global_timeout),
-        ):
-            if value is not None:
-                kw[key] = value
+        settings: dict[str, Any] = {
+            "boss_worker.work_handler": work_handler,
+            "boss_worker.result_handler": result_handler,
+            "boss_worker.ordered": ordered,
+            "boss_worker.with_ids": with_ids,
+            "boss_worker.max_pending": max_pending,
+            "boss_worker.when_full": when_full,
+            "pool.initializer": init_handler,
+            "pool.finalizer": exit_handler,
+            "pool.task_timeout": global_timeout,
+        }
         if worker_count is not None:
-            kw["scaling.name"] = "fixed"
-            kw["scaling.workers"] = worker_count
-        self._setup(load_config(config, kw))
+            settings.update({"scaling.name": "fixed", "scaling.workers": worker_count})
+        self._setup(load_facade_config("boss-worker", config, overrides, settings))
 
     @classmethod
     def from_config(cls, config: Config) -> BossWorker:

@@ -31,7 +31,7 @@ import attrs
 from prefork._hooks import hookimpl
 from prefork._supervisor import Supervisor
 from prefork._task import Task
-from prefork.config import Config, load_config
+from prefork.config import Config, load_facade_config
 from prefork.strategies.resolver import MethodResolver, XmlRpcResolver, import_object
 from prefork.strategies.sink import CallbackSink
 
@@ -150,27 +150,22 @@ class Dispatcher:
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        kw: dict[str, Any] = dict(overrides or {})
-        if config is None:
-            kw.setdefault("profile", "dispatcher")
-        for key, value in (
-            ("resolver.methods", dict(methods) if methods is not None else None),
-            ("resolver.classes", list(classes) if classes is not None else None),
-            ("scaling.max_forks", max_forks),
-            ("scaling.pre_fork", pre_fork),
-            ("scaling.spawn_delay", spawn_delay),
-            ("pool.max_tasks_per_child", max_requests),
-            ("dispatcher.verbose", verbose),
-            ("dispatcher.talkback", talkback),
-            ("dispatcher.alias", alias),
-            ("dispatcher.xmlrpc_server_parent", xmlrpc_server_parent),
-            ("name", fork_name),
-        ):
-            if value is not None:
-                kw[key] = value
+        settings: dict[str, Any] = {
+            "resolver.methods": dict(methods) if methods is not None else None,
+            "resolver.classes": list(classes) if classes is not None else None,
+            "scaling.max_forks": max_forks,
+            "scaling.pre_fork": pre_fork,
+            "scaling.spawn_delay": spawn_delay,
+            "pool.max_tasks_per_child": max_requests,
+            "dispatcher.verbose": verbose,
+            "dispatcher.talkback": talkback,
+            "dispatcher.alias": alias,
+            "dispatcher.xmlrpc_server_parent": xmlrpc_server_parent,
+            "name": fork_name,
+        }
         if max_forks is not None and pre_fork is None and max_forks < 2:
-            kw["scaling.pre_fork"] = max_forks  # the profile's pre_fork = 2 cannot exceed max_forks
-        self._setup(load_config(config, kw), upon_result)
+            settings["scaling.pre_fork"] = max_forks  # the profile's pre_fork = 2 cannot exceed max_forks
+        self._setup(load_facade_config("dispatcher", config, overrides, settings), upon_result)
 
     @classmethod
     def from_config(cls, config: Config, upon_result: Callable[..., Any] | None = None) -> Dispatcher:

@@ -41,7 +41,7 @@ from prefork._proctitle import set_title
 from prefork._supervisor import Supervisor
 from prefork._task import WorkerInfo
 from prefork._worker import ForkedChild, WorkerHandle, current_worker, reset_signals
-from prefork.config import Config, load_config
+from prefork.config import Config, load_facade_config
 from prefork.errors import PreforkError
 from prefork.strategies.resolver import import_object
 
@@ -210,21 +210,16 @@ class MPM:
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
     ) -> None:
-        kw: dict[str, Any] = dict(overrides or {})
-        if config is None:
-            kw.setdefault("profile", "mpm")
-        for key, value in (
-            ("scaling.start_servers", start_servers),
-            ("scaling.min_spare", min_spare_servers),
-            ("scaling.max_spare", max_spare_servers),
-            ("scaling.max_servers", max_servers),
-            ("mpm.child_sigh", dict(child_sigh) if child_sigh is not None else None),
-            ("mpm.child_data_hook", child_data_hook),
-            ("mpm.data_hook_in_main", data_hook_in_main),
-        ):
-            if value is not None:
-                kw[key] = value
-        self._setup(load_config(config, kw))
+        settings = {
+            "scaling.start_servers": start_servers,
+            "scaling.min_spare": min_spare_servers,
+            "scaling.max_spare": max_spare_servers,
+            "scaling.max_servers": max_servers,
+            "mpm.child_sigh": dict(child_sigh) if child_sigh is not None else None,
+            "mpm.child_data_hook": child_data_hook,
+            "mpm.data_hook_in_main": data_hook_in_main,
+        }
+        self._setup(load_facade_config("mpm", config, overrides, settings))
 
     @classmethod
     def from_config(cls, config: Config) -> MPM:

@@ -278,6 +278,22 @@ def _choose_profile(file_data: Mapping[str, Any], overrides: Mapping[str, Any], 
     return chosen, source
 
 
+def load_facade_config(
+    profile: str,
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any] | None,
+    settings: Mapping[str, Any],
+) -> Config:
+    """A facade's config: its ``profile`` (unless a file is given, which names its own),
+    the file, then ``overrides``, then the facade's keyword ``settings`` (dotted keys;
+    ``None`` values are left out, so only the arguments given override)."""
+    kw: dict[str, Any] = dict(overrides or {})
+    if path is None:
+        kw.setdefault("profile", profile)
+    kw.update((key, value) for key, value in settings.items() if value is not None)
+    return load_config(path, kw)
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Config:
