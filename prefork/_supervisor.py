@@ -240,6 +240,10 @@ class Supervisor:
             self.spawner = ForkServer(self.ctx)
         self._spawner_fds: set[int] = set()
         self._started = False
+        self._cancels: deque[Task] = deque()  # running tasks to stop (KillableFuture.cancel)
+        self.one_at_a_time = bool(getattr(self.sink, "cancel_running", False))
+        if self.one_at_a_time:
+            self.sink.killer = self.cancel_running
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -351,6 +355,25 @@ class Supervisor:
             self._wake()
         return handle
 
+    def cancel_running(self, task: Task) -> None:
+        """Stop ``task`` if it is running (any thread): its worker is killed and replaced."""
+        self._cancels.append(task)
+        self._wake()
+
+    def _do_cancels(self) -> None:
+        while self._cancels:
+            task = self._cancels.popleft()
+            if task.done:
+                continue
+            w = self._holder(task)
+            if w is None:  # still queued: the sink's claim() drops it
+                continue
+            self._tasks.pop(task.id, None)
+            w.inflight.remove(task)
+            self._finish(task, False, CancelledError())
+            self._log(logging.INFO, f"task {task.id} cancelled while running; killing worker {w.pid}")
+            self._retire(w, "its running task was cancelled", kill=True)
+
     def _wake(self) -> None:
         self._sleeping = False
         with self._lock:
@@ -375,6 +398,8 @@ class Supervisor:
         self._sleeping = False
         for key, mask in events:
             key.data(key.fd, mask)
+        if self._cancels:
+            self._do_cancels()
         for event in self.spawner.take_ready():
             self._on_spawner_event(event)
         if self._inline is not None:
@@ -632,7 +657,9 @@ class Supervisor:
         ready = [w for w in self._workers.values() if w.state == READY and w.budget != 0 and not w.eof]
         if not ready:
             return
-        if self.prefetch:
+        if self.one_at_a_time:
+            per = 1  # a running task can be cancelled by killing its worker: nothing else is there
+        elif self.prefetch:
             per = self.prefetch
         else:
             per = self._auto_prefetch(len(queue))

@@ -70,10 +70,7 @@ def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
     try:
         return app(pool)
     except BaseException:
-        # stopped (a signal) or failed: cancel what waits, give what runs kill_grace, then kill
-        pool.shutdown(wait=False, cancel_futures=True)
-        if not pool._sup.join(config.pool.kill_grace):
-            pool.kill()
+        pool.terminate()  # stopped (a signal) or failed: cancel what waits, then kill_grace
         raise
     finally:
         pool.shutdown(wait=True)

@@ -38,6 +38,11 @@ class Executor(_StdExecutor):
     :param timeout: default per-task timeout in seconds (``None``: none).
     :param config: a :class:`prefork.config.Config`, or a path to a ``prefork.toml``.
     :param overrides: more settings, as in the file (``{"pool.kill_grace": 0.5}``).
+    :param cancel_running: ``future.cancel()`` also stops a running task by killing its
+        worker (which is replaced); tasks then go to workers one at a time.
+
+    Leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) cancels the queued
+    tasks, gives the running ones ``pool.kill_grace`` seconds, then kills them.
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class Executor(_StdExecutor):
         timeout: float | None = None,
         config: Config | str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        cancel_running: bool = False,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -70,7 +76,8 @@ class Executor(_StdExecutor):
         else:
             config = load_config(config, kw)
         self._sup = Supervisor(
-            config, sink=FutureSink(), initializer=initializer, initargs=tuple(initargs) if initializer else None
+            config, sink=FutureSink(cancel_running=cancel_running), initializer=initializer,
+            initargs=tuple(initargs) if initializer else None,
         )
         self._sup.start()
 
@@ -114,6 +121,19 @@ class Executor(_StdExecutor):
     def kill(self) -> None:
         """Stop now: kill every worker; running and queued tasks fail or are cancelled."""
         self._sup.shutdown(wait=True, cancel_futures=True, force=True)
+
+    def terminate(self, grace: float | None = None) -> None:
+        """Stop soon: cancel queued tasks, give running ones ``grace`` seconds
+        (default ``pool.kill_grace``), then kill what is left."""
+        self._sup.shutdown(wait=False, cancel_futures=True)
+        if not self._sup.join(self.config.pool.kill_grace if grace is None else grace):
+            self.kill()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.terminate()  # Ctrl-C: do not sit through the queue
+        else:
+            self.shutdown(wait=True)
 
     def pids(self) -> list[int]:
         """The pids of the live workers."""

@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -520,3 +521,45 @@ def test_workers_ignore_sigint_the_supervisor_decides(tmp_path: Path) -> None:
         Path(gate).touch()
         assert running.result(timeout=10) == pid
         assert ex.pids() == [pid]
+
+
+def test_cancel_running_kills_only_that_worker(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    with Executor(2, cancel_running=True) as ex:
+        victim = ex.submit(mark_and_wait, str(started), str(tmp_path / "never"), 30)
+        pid = wait_until(lambda: started.exists() and int(started.read_text().split()[0]), what="the task to start")
+        other = ex.submit(sleep_then_pid, 0.3)
+        t0 = time.monotonic()
+        assert victim.cancel() is True
+        assert victim.cancelled() and victim.done()
+        with pytest.raises(CancelledError):
+            victim.result(timeout=1)
+        wait_until(lambda: not pid_alive(pid), timeout=5, what="the worker to be killed")
+        assert time.monotonic() - t0 < 5
+        assert other.result(timeout=10) != pid  # the other worker's task is untouched
+        assert ex.submit(os.getpid).result(timeout=10) != pid  # and a replacement serves
+
+
+def test_without_cancel_running_a_running_future_cannot_be_cancelled(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    gate = tmp_path / "gate"
+    with Executor(1) as ex:
+        fut = ex.submit(mark_and_wait, str(started), str(gate), 10)
+        wait_until(started.exists, what="the task to start")
+        assert fut.cancel() is False
+        gate.touch()
+        assert fut.result(timeout=10)
+
+
+def test_ctrl_c_in_a_with_block_cancels_the_queue_and_stops_soon(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    t0 = 0.0
+    with pytest.raises(KeyboardInterrupt), Executor(1, overrides={"pool.kill_grace": 0.3}) as ex:
+        running = ex.submit(mark_and_wait, str(started), str(tmp_path / "never"), 30)
+        queued = [ex.submit(os.getpid) for _ in range(5)]
+        wait_until(started.exists, what="the task to start")
+        t0 = time.monotonic()
+        raise KeyboardInterrupt
+    assert time.monotonic() - t0 < 5
+    assert all(f.cancelled() for f in queued)
+    assert isinstance(running.exception(timeout=1), prefork.WorkerLost)

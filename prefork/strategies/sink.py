@@ -42,14 +42,54 @@ class Outcome(NamedTuple):
     value: Any
 
 
+class KillableFuture(Future[Any]):
+    """A future whose ``cancel()`` also stops a running task, through ``killer``.
+
+    It relies on :class:`concurrent.futures.Future`'s internal state names, which
+    have been stable since Python 3.2.
+    """
+
+    def __init__(self, killer: Callable[[], None]) -> None:
+        super().__init__()
+        self._killer = killer
+
+    def cancel(self) -> bool:
+        with self._condition:
+            running = self._state == "RUNNING"
+            if running:
+                self._state = "CANCELLED_AND_NOTIFIED"
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                self._condition.notify_all()
+        if not running:
+            return super().cancel()
+        self._killer()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+
 @attrs.define
 class FutureSink:
-    """Each task gets a :class:`concurrent.futures.Future`."""
+    """Each task gets a :class:`concurrent.futures.Future`.
+
+    With ``cancel_running`` a future's ``cancel()`` also stops its task while it
+    runs: the supervisor kills that worker and replaces it.
+    """
 
     name: ClassVar[str] = "future"
+    cancel_running: bool = attrs.field(
+        default=False, metadata={"doc": "future.cancel() kills the worker running the task (tasks then go one at a time per worker)"}
+    )
+    #: set by the supervisor: ``killer(task)`` stops a running task
+    killer: Callable[[Task], None] | None = attrs.field(default=None, init=False, repr=False)
 
     def attach(self, task: Task) -> Future[Any]:
-        fut: Future[Any] = Future()
+        fut: Future[Any]
+        if self.cancel_running and self.killer is not None:
+            killer = self.killer
+            fut = KillableFuture(lambda: killer(task))
+        else:
+            fut = Future()
         task.handle = fut
         return fut
 
