@@ -29,6 +29,8 @@ OK: Final = 0
 ERROR: Final = 1
 
 _CALL = struct.Struct("<QI")
+#: bytes a call adds to a CALLS frame besides its payload
+CALL_OVERHEAD: Final = _CALL.size
 _RESULT = struct.Struct("<QBddI")
 _DATA = struct.Struct("<Bi")
 

@@ -166,6 +166,7 @@ class Supervisor:
         if isinstance(finalizer, str):
             finalizer = import_object(finalizer)
         self.max_workers = self.policy.max_workers()
+        self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
         self.max_tasks = pool.max_tasks_per_child
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
@@ -347,6 +348,12 @@ class Supervisor:
             )
             err.__cause__ = exc
             self._finish(task, False, err)
+            return handle
+        if self.max_frame and len(task.payload) + _frames.CALL_OVERHEAD > self.max_frame:
+            self._finish(task, False, ValueError(
+                f"task {task.id}: its serialized call is {len(task.payload)} bytes, more than "
+                f"transport.max_frame = {self.max_frame}"
+            ))
             return handle
         if not self._started:
             self.start()
@@ -674,12 +681,16 @@ class Supervisor:
             if room <= 0:
                 continue
             items: list[tuple[int, bytes]] = []
+            size = 1
             inflight = w.inflight
             while queue and len(items) < room:
+                if self.max_frame and items and size + len(queue[0].payload) + _frames.CALL_OVERHEAD > self.max_frame:
+                    break  # the frame is full: the rest waits for the next pass
                 task = queue.popleft()
                 if task.done or (not task.retries and not claim(task)):  # a re-dispatched task was claimed already
                     continue
                 items.append((task.id, task.payload))
+                size += len(task.payload) + _frames.CALL_OVERHEAD
                 inflight.append(task)
                 tasks[task.id] = task
                 if task.timeout:

@@ -563,3 +563,15 @@ def test_ctrl_c_in_a_with_block_cancels_the_queue_and_stops_soon(tmp_path: Path)
     assert time.monotonic() - t0 < 5
     assert all(f.cancelled() for f in queued)
     assert isinstance(running.exception(timeout=1), prefork.WorkerLost)
+
+
+def test_a_task_larger_than_max_frame_fails_alone_with_a_size_error() -> None:
+    limit = 100_000
+    with Executor(1, overrides={"transport.max_frame": limit}) as ex:
+        big = ex.submit(len, b"x" * (2 * limit))
+        # many tasks that fit one by one but not together: they are split over frames
+        mids = [ex.submit(len, b"y" * 40_000) for _ in range(30)]
+        assert [f.result(timeout=20) for f in mids] == [40_000] * 30
+        exc = big.exception(timeout=10)
+    assert isinstance(exc, ValueError)
+    assert "more than transport.max_frame = 100000" in str(exc)
