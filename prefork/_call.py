@@ -128,4 +128,8 @@ class Caller:
         except Exception as exc:
             err = TypeError(f"the task's result ({type(value).__name__}) could not be serialized with {ser.name!r}: {exc}")
             return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, err, _format_tb(exc)))
+        if len(out) > _frames.MAX_PAYLOAD:
+            size = ValueError(f"the task's result is {len(out)} bytes serialized, more than the {_frames.MAX_PAYLOAD} "
+                              "bytes one result can carry")
+            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, size, ""))
         return _frames.encode_result(tid, _frames.OK, t0, t1, out)

@@ -31,6 +31,8 @@ ERROR: Final = 1
 _CALL = struct.Struct("<QI")
 #: bytes a call adds to a CALLS frame besides its payload
 CALL_OVERHEAD: Final = _CALL.size
+#: the largest payload one call or result record carries (its length is a u32)
+MAX_PAYLOAD = 2**32 - 1
 _RESULT = struct.Struct("<QBddI")
 _DATA = struct.Struct("<Bi")
 

@@ -349,10 +349,12 @@ class Supervisor:
             err.__cause__ = exc
             self._finish(task, False, err)
             return handle
-        if self.max_frame and len(task.payload) + _frames.CALL_OVERHEAD > self.max_frame:
+        limit, what = _frames.MAX_PAYLOAD, f"the {_frames.MAX_PAYLOAD} bytes one call can carry"
+        if self.max_frame and self.max_frame - _frames.CALL_OVERHEAD < limit:
+            limit, what = self.max_frame - _frames.CALL_OVERHEAD, f"transport.max_frame = {self.max_frame}"
+        if len(task.payload) > limit:
             self._finish(task, False, ValueError(
-                f"task {task.id}: its serialized call is {len(task.payload)} bytes, more than "
-                f"transport.max_frame = {self.max_frame}"
+                f"task {task.id}: its serialized call is {len(task.payload)} bytes, more than {what}"
             ))
             return handle
         if not self._started:

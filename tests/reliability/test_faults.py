@@ -22,6 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -575,3 +576,73 @@ def test_a_task_larger_than_max_frame_fails_alone_with_a_size_error() -> None:
         exc = big.exception(timeout=10)
     assert isinstance(exc, ValueError)
     assert "more than transport.max_frame = 100000" in str(exc)
+
+
+def test_payloads_past_the_record_limit_fail_alone_with_a_size_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefork import _frames
+
+    monkeypatch.setattr(_frames, "MAX_PAYLOAD", 10_000)  # the workers fork after this: they see it too
+    with Executor(1) as ex:
+        too_big_call = ex.submit(len, b"x" * 20_000)
+        too_big_result = ex.submit(bytes, 20_000)
+        fine = ex.submit(bytes, 100)
+        assert fine.result(timeout=10) == bytes(100)
+        pid = ex.pids()[0]
+        assert ex.submit(os.getpid).result(timeout=10) == pid  # the worker was kept
+    call_error = too_big_call.exception(timeout=10)
+    assert isinstance(call_error, ValueError) and "more than the 10000 bytes one call can carry" in str(call_error)
+    result_error = too_big_result.exception(timeout=10)
+    assert isinstance(result_error, ValueError) and "more than the 10000 bytes one result can carry" in str(result_error)
+
+
+def test_task_budgets_get_jitter_so_workers_do_not_recycle_together() -> None:
+    with Executor(1, overrides={"pool.max_tasks_per_child": 2, "pool.max_tasks_jitter": 3}) as ex:
+        pids = [ex.submit(os.getpid).result(timeout=10) for _ in range(40)]
+    runs = [len(list(g)) for _, g in itertools.groupby(pids)]
+    assert all(2 <= n <= 5 for n in runs[:-1]), runs
+    assert len(set(runs[:-1])) > 1, f"no jitter seen in {runs}"
+
+
+def _parent_handler(signum: int, frame: Any) -> None:  # must never run in a worker
+    raise AssertionError("the parent's handler ran")
+
+
+def test_workers_inherit_no_handler_of_the_parent(tmp_path: Path) -> None:
+    old = signal.signal(signal.SIGUSR1, _parent_handler)
+    try:
+        with Executor(1) as ex:
+            gate = str(tmp_path / "gate")
+            fut = ex.submit(wait_for_file, gate, 10)
+            pid = wait_until(lambda: ex.stats()["busy"] == 1 and ex.pids()[0], what="a busy worker")
+            os.kill(pid, signal.SIGUSR1)  # default action in the worker: it dies
+            exc = fut.exception(timeout=10)
+        assert isinstance(exc, prefork.WorkerLost) and exc.signal_name == "SIGUSR1"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def big_result(n: int) -> bytes:
+    return bytes([n % 256]) * (8 * 2**20)
+
+
+def test_large_results_of_a_recycled_worker_are_drained_before_it_is_reaped() -> None:
+    with Executor(1, overrides={"pool.max_tasks_per_child": 1}) as ex:
+        results = [ex.submit(big_result, i) for i in range(4)]
+        for i, fut in enumerate(results):
+            assert fut.result(timeout=20) == bytes([i]) * (8 * 2**20)
+
+
+def slow_boot() -> None:
+    time.sleep(30)
+
+
+def test_a_worker_stuck_in_boot_is_caught_by_the_boot_timeout() -> None:
+    ex = Executor(1, initializer=slow_boot, overrides={"pool.boot_timeout": 0.3, "pool.max_boot_failures": 2})
+    try:
+        t0 = time.monotonic()
+        exc = ex.submit(os.getpid).exception(timeout=20)
+        assert isinstance(exc, prefork.PoolBroken)
+        assert "did not finish booting within boot_timeout = 0.3 s" in str(exc)
+        assert time.monotonic() - t0 < 10
+    finally:
+        ex.shutdown()
