@@ -62,6 +62,8 @@ LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
 
+_NO_KWARGS: Final[dict[str, Any]] = {}  #: shared by calls without keyword arguments; never mutated
+
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
 
 
@@ -332,7 +334,7 @@ class Supervisor:
             raise PoolShutDown("cannot schedule new tasks after shutdown")
         if self.self_feeding:
             raise RuntimeError("this pool's workers feed themselves (a worker body); it takes no tasks")
-        kwargs = kwargs or {}
+        kwargs = kwargs or _NO_KWARGS
         task = Task(next(self._ids), method, args, kwargs, timeout if timeout is not None else self.default_timeout, context, callback)
         task.submitted_at = time.monotonic()
         handle = self.sink.attach(task)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import attrs
 
+from prefork._future import LightFuture
 from prefork._hooks import hookimpl
 from prefork._task import Task
 
@@ -42,7 +43,7 @@ class Outcome(NamedTuple):
     value: Any
 
 
-class KillableFuture(Future[Any]):
+class KillableFuture(LightFuture):
     """A future whose ``cancel()`` also stops a running task, through ``killer``.
 
     It relies on :class:`concurrent.futures.Future`'s internal state names, which
@@ -89,7 +90,7 @@ class FutureSink:
             killer = self.killer
             fut = KillableFuture(lambda: killer(task))
         else:
-            fut = Future()
+            fut = LightFuture()
         task.handle = fut
         return fut
 
