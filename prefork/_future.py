@@ -37,8 +37,8 @@ class LightFuture(Future[Any]):
 
     # -- made on first use; the standard future's methods reach them through these --
 
-    @property  # type: ignore[override]
-    def _condition(self) -> threading.Condition:
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
         cond = self._cond
         if cond is None:
             with _MAKE:
@@ -47,8 +47,8 @@ class LightFuture(Future[Any]):
                     cond = self._cond = threading.Condition()
         return cond
 
-    @property  # type: ignore[override]
-    def _waiters(self) -> list[Any]:
+    @property
+    def _waiters(self) -> list[Any]:  # type: ignore[override]
         waiters = self._waiter_list
         if waiters is None:
             with _MAKE:
@@ -57,7 +57,7 @@ class LightFuture(Future[Any]):
                 waiters = self._waiter_list
         return waiters
 
-    @property  # type: ignore[override]
+    @property
     def _done_callbacks(self) -> list[Any]:
         callbacks = self._callback_list
         if callbacks is None:

@@ -65,7 +65,7 @@ class KillableFuture(LightFuture):
         if not running:
             return super().cancel()
         self._killer()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
 
