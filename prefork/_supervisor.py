@@ -260,6 +260,8 @@ class Supervisor:
         else:
             self.spawner.start()  # the fork server forks now, before our thread exists
             self._sync_spawner_fds()
+            if self.threaded and isinstance(self.spawner, ForkServer):
+                self._scale(time.monotonic())  # spawn requests wait in its socket: it forks when it is up
         _live.add(self)
         if self.threaded:
             self._thread = threading.Thread(target=self._run, name=f"{self.config.name}-supervisor", daemon=True)

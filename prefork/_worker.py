@@ -199,13 +199,20 @@ def current_worker() -> WorkerHandle | None:
     return _current
 
 
+def _find_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _find_prctl()  # looked up once in the parent, not in every new worker
+
+
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send ``sig`` when the forking thread's process dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def reset_signals() -> None:
@@ -293,7 +300,8 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
         channel.send(_frames.READY_FRAME)
     except (BrokenPipeError, ConnectionResetError):
         return EXIT_OK  # the supervisor gave up on us while we booted
-    handle._rss_base = _rss_bytes()
+    if ctx.max_rss_mb:
+        handle._rss_base = _rss_bytes()
     return handle
 
 

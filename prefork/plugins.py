@@ -17,7 +17,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import sys
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Final
 
 import pluggy
@@ -50,7 +52,7 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
     if autoload is None:
         autoload = _env_flag("PREFORK_DISABLE_PLUGIN_AUTOLOAD") is False
     if autoload:
-        for ep in importlib.metadata.entry_points(group=NAME):
+        for ep in _installed_entry_points(tuple(sys.path)):
             if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
                 continue
             try:
@@ -79,6 +81,16 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
     except pluggy.PluginValidationError as exc:
         raise PluginError(f"{exc} (hooks are listed in prefork.hookspecs)") from exc
     return pm
+
+
+@lru_cache(maxsize=8)
+def _installed_entry_points(path: tuple[str, ...]) -> tuple[importlib.metadata.EntryPoint, ...]:
+    """The ``prefork`` entry points of the distributions on ``path`` (``sys.path``).
+
+    Reading every distribution's metadata takes milliseconds; a process that
+    starts many pools reads it once per ``sys.path``.
+    """
+    return tuple(importlib.metadata.entry_points(group=NAME))
 
 
 def _env_flag(name: str) -> bool:
