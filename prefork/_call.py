@@ -39,9 +39,18 @@ def encode_error(serializer: Serializer, exc: BaseException, tb_text: str) -> by
     return serializer.dumps([_qualname(type(exc)), _safe_str(exc), tb_text])
 
 
-def decode_error(serializer: Serializer, data: bytes) -> BaseException:
+def buffer_loads(serializer: Serializer) -> Callable[[Any], Any]:
+    """``serializer.loads`` for payloads that may be views (memoryview, bytearray):
+    passed as they are when the serializer says it ``takes_buffers``, else as bytes."""
+    if getattr(serializer, "takes_buffers", False):
+        return serializer.loads
+    loads = serializer.loads
+    return lambda data: loads(data if type(data) is bytes else bytes(data))
+
+
+def decode_error(serializer: Serializer, data: Any) -> BaseException:
     try:
-        obj = serializer.loads(data)
+        obj = buffer_loads(serializer)(data)
     except Exception as exc:
         return RemoteTaskError(type(exc).__name__, f"the task's error could not be decoded: {exc}", "")
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], BaseException):
@@ -82,6 +91,8 @@ class Caller:
         self.resolver = resolver
         self.info = info
         self._cache: dict[str, Callable[..., Any]] = {}
+        self._loads = buffer_loads(serializer)
+        self._dump_parts = dump_parts(serializer)
         self._before = hook.prefork_before_call if hook.prefork_before_call.get_hookimpls() else None
         self._after = hook.prefork_after_call if hook.prefork_after_call.get_hookimpls() else None
 
@@ -98,12 +109,12 @@ class Caller:
             self._cache[method] = fn
         return fn
 
-    def call(self, tid: int, payload: bytes) -> bytes:
-        """Run one task and return its encoded result record."""
+    def call(self, tid: int, payload: Any) -> tuple[Any, ...]:
+        """Run one task; returns its result record as (header, payload)."""
         ser = self.serializer
         t0 = time.monotonic()
         try:
-            method, args, kwargs = ser.loads(payload)
+            method, args, kwargs = self._loads(payload)
             fn = self.resolve(method)
             if self._before is not None:
                 self._before(worker=self.info, task_id=tid, method=method, args=args, kwargs=kwargs)
@@ -122,14 +133,30 @@ class Caller:
                     )
                 except Exception:
                     pass
-            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))
+            return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))
         try:
-            out = ser.dumps(value)
+            parts = self._dump_parts(value)
         except Exception as exc:
             err = TypeError(f"the task's result ({type(value).__name__}) could not be serialized with {ser.name!r}: {exc}")
-            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, err, _format_tb(exc)))
-        if len(out) > _frames.MAX_PAYLOAD:
-            size = ValueError(f"the task's result is {len(out)} bytes serialized, more than the {_frames.MAX_PAYLOAD} "
-                              "bytes one result can carry")
-            return _frames.encode_result(tid, _frames.ERROR, t0, t1, encode_error(ser, size, ""))
-        return _frames.encode_result(tid, _frames.OK, t0, t1, out)
+            return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, err, _format_tb(exc)))
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
+        if size > _frames.MAX_PAYLOAD:
+            too_big = ValueError(f"the task's result is {size} bytes serialized, more than the {_frames.MAX_PAYLOAD} "
+                                 "bytes one result can carry")
+            return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, too_big, ""))
+        if len(parts) == 1:
+            return _frames.result_header(tid, _frames.OK, t0, t1, size), parts[0]
+        return (_frames.result_header(tid, _frames.OK, t0, t1, size), *parts)
+
+
+def _record(tid: int, status: int, t0: float, t1: float, payload: bytes) -> tuple[bytes, ...]:
+    return _frames.result_header(tid, status, t0, t1, len(payload)), payload
+
+
+def dump_parts(serializer: Serializer) -> Callable[[Any], list[Any]]:
+    """``serializer.dumps_parts`` when it has one, else ``dumps`` as one part."""
+    parts = getattr(serializer, "dumps_parts", None)
+    if parts is not None:
+        return parts  # type: ignore[no-any-return]
+    dumps = serializer.dumps
+    return lambda obj: [dumps(obj)]

@@ -42,27 +42,88 @@ STOP_FRAME: Final = bytes([STOP])
 READY_FRAME: Final = bytes([READY])
 
 
-def encode_calls(items: list[tuple[int, bytes]]) -> bytes:
+#: a payload at least this large travels as its own part of a frame, never joined
+BIG_PAYLOAD: Final = 65536
+
+Buffer = bytes | bytearray | memoryview
+
+
+def coalesce(pieces: list[Buffer]) -> list[Buffer]:
+    """The parts of one frame: runs of small pieces joined, large payloads left alone."""
+    if len(pieces) <= 1:
+        return pieces
+    parts: list[Buffer] = []
+    run: list[Buffer] = []
+    for piece in pieces:
+        if len(piece) >= BIG_PAYLOAD:
+            if run:
+                parts.append(b"".join(run))
+                run = []
+            parts.append(piece)
+        else:
+            run.append(piece)
+    if run:
+        parts.append(b"".join(run))
+    return parts
+
+
+def send_pieces(channel: object, pieces: list[Buffer]) -> None:
+    """Send one frame made of ``pieces`` through ``channel``: as parts when it takes
+    parts and a piece is large, else joined."""
+    send_parts = getattr(channel, "send_parts", None)
+    if send_parts is not None and any(len(p) >= BIG_PAYLOAD for p in pieces):
+        send_parts(coalesce(pieces))
+    else:
+        channel.send(b"".join(pieces))  # type: ignore[attr-defined]
+
+
+#: a task's serialized call: one bytes, or parts sent one after the other (large blobs unjoined)
+Payload = bytes | list[Buffer]
+
+
+def payload_size(payload: Payload) -> int:
+    if isinstance(payload, bytes):
+        return len(payload)
+    return sum(len(p) for p in payload)
+
+
+def call_pieces(items: list[tuple[int, Payload]]) -> list[Buffer]:
+    """A CALLS frame as pieces (join them, or :func:`send_pieces`)."""
     pack = _CALL.pack
-    parts = [CALLS_HEAD]
+    pieces: list[Buffer] = [CALLS_HEAD]
     for tid, payload in items:
-        parts.append(pack(tid, len(payload)))
-        parts.append(payload)
-    return b"".join(parts)
+        if type(payload) is bytes:
+            pieces.append(pack(tid, len(payload)))
+            pieces.append(payload)
+        else:
+            pieces.append(pack(tid, payload_size(payload)))
+            pieces.extend(payload)  # type: ignore[arg-type]  # a list of parts
+    return pieces
 
 
-def decode_calls(frame: bytes) -> list[tuple[int, bytes]]:
+def encode_calls(items: list[tuple[int, Payload]]) -> bytes:
+    return b"".join(call_pieces(items))
+
+
+def decode_calls(frame: Buffer) -> list[tuple[int, memoryview]]:
+    """(task id, payload) pairs; payloads are views into ``frame``, not copies."""
     out = []
     unpack = _CALL.unpack_from
     size = _CALL.size
     pos = 1
-    end = len(frame)
+    view = memoryview(frame)
+    end = len(view)
     while pos < end:
-        tid, n = unpack(frame, pos)
+        tid, n = unpack(view, pos)
         pos += size
-        out.append((tid, frame[pos : pos + n]))
+        out.append((tid, view[pos : pos + n]))
         pos += n
     return out
+
+
+def result_header(tid: int, status: int, t0: float, t1: float, size: int) -> bytes:
+    """What precedes a result's payload in a RESULTS frame."""
+    return _RESULT.pack(tid, status, t0, t1, size)
 
 
 def encode_result(tid: int, status: int, t0: float, t1: float, payload: bytes) -> bytes:
@@ -70,16 +131,18 @@ def encode_result(tid: int, status: int, t0: float, t1: float, payload: bytes) -
     return _RESULT.pack(tid, status, t0, t1, len(payload)) + payload
 
 
-def decode_results(frame: bytes) -> list[tuple[int, int, float, float, bytes]]:
+def decode_results(frame: Buffer) -> list[tuple[int, int, float, float, memoryview]]:
+    """Result records; payloads are views into ``frame``, not copies."""
     out = []
     unpack = _RESULT.unpack_from
     size = _RESULT.size
     pos = 1
-    end = len(frame)
+    view = memoryview(frame)
+    end = len(view)
     while pos < end:
-        tid, status, t0, t1, n = unpack(frame, pos)
+        tid, status, t0, t1, n = unpack(view, pos)
         pos += size
-        out.append((tid, status, t0, t1, frame[pos : pos + n]))
+        out.append((tid, status, t0, t1, view[pos : pos + n]))
         pos += n
     return out
 

@@ -40,7 +40,7 @@ from concurrent.futures import CancelledError
 from typing import Any, Final
 
 from prefork import _frames, _scoreboard
-from prefork._call import Caller, decode_error
+from prefork._call import Caller, buffer_loads, decode_error, dump_parts
 from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
@@ -59,6 +59,7 @@ MAX_REDISPATCH: Final = 3  #: a task whose worker died before it started goes ba
 AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep and tasks short
 SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
 LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
+FRAME_BYTES: Final = 256 * 1024  #: a CALLS frame stops growing past this size (one large call may exceed it)
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
 
@@ -155,6 +156,8 @@ class Supervisor:
         self.hook = self.pm.hook
         self.policy = config.create("scaling")
         self.serializer = config.create("serializer")
+        self._loads = buffer_loads(self.serializer)
+        self._dump_parts = dump_parts(self.serializer)
         self.resolver = resolver if resolver is not None else config.create("resolver")
         self.transport = config.create("transport")
         self.sink = sink if sink is not None else config.create("sink")
@@ -169,6 +172,9 @@ class Supervisor:
             finalizer = import_object(finalizer)
         self.max_workers = self.policy.max_workers()
         self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
+        self._call_limit = _frames.MAX_PAYLOAD
+        if self.max_frame:
+            self._call_limit = min(self._call_limit, self.max_frame - _frames.CALL_OVERHEAD)
         self.max_tasks = pool.max_tasks_per_child
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
@@ -341,7 +347,7 @@ class Supervisor:
         task.submitted_at = time.monotonic()
         handle = self.sink.attach(task)
         try:
-            task.payload = self.serializer.dumps((method, args, kwargs))
+            parts = self._dump_parts((method, args, kwargs))
         except Exception as exc:
             where = find_unserializable(method, self.serializer.dumps, "method")
             where = where or find_unserializable(args, self.serializer.dumps, "args")
@@ -353,13 +359,13 @@ class Supervisor:
             err.__cause__ = exc
             self._finish(task, False, err)
             return handle
-        limit, what = _frames.MAX_PAYLOAD, f"the {_frames.MAX_PAYLOAD} bytes one call can carry"
-        if self.max_frame and self.max_frame - _frames.CALL_OVERHEAD < limit:
-            limit, what = self.max_frame - _frames.CALL_OVERHEAD, f"transport.max_frame = {self.max_frame}"
-        if len(task.payload) > limit:
-            self._finish(task, False, ValueError(
-                f"task {task.id}: its serialized call is {len(task.payload)} bytes, more than {what}"
-            ))
+        task.payload = payload = parts[0] if len(parts) == 1 else parts
+        size = len(payload) if len(parts) == 1 else _frames.payload_size(payload)
+        if size > self._call_limit:
+            limit, what = _frames.MAX_PAYLOAD, f"the {_frames.MAX_PAYLOAD} bytes one call can carry"
+            if self.max_frame and self.max_frame - _frames.CALL_OVERHEAD < limit:
+                what = f"transport.max_frame = {self.max_frame}"
+            self._finish(task, False, ValueError(f"task {task.id}: its serialized call is {size} bytes, more than {what}"))
             return handle
         if not self._started:
             self.start()
@@ -590,7 +596,7 @@ class Supervisor:
             elif kind == _frames.DATA:
                 payload, code = _frames.decode_data(frame)
                 try:
-                    data = self.serializer.loads(payload)
+                    data = self._loads(payload)
                 except Exception as exc:
                     data = exc
                 self.hook.prefork_child_data(worker=w.info, data=data, exitcode=code)
@@ -613,7 +619,7 @@ class Supervisor:
     def _on_results(self, w: _Worker, frame: bytes) -> None:
         tasks = self._tasks
         inflight = w.inflight
-        loads = self.serializer.loads
+        loads = self._loads
         for tid, status, t0, t1, payload in _frames.decode_results(frame):
             task = tasks.pop(tid, None)
             if task is None:
@@ -680,37 +686,50 @@ class Supervisor:
         now = time.monotonic()
         claim = self.sink.claim
         tasks = self._tasks
+        frame_bytes = min(self.max_frame or FRAME_BYTES, FRAME_BYTES)
         for w in ready:
             room = per - len(w.inflight)
             if w.budget > 0:
                 room = min(room, w.budget)
             if room <= 0:
                 continue
-            items: list[tuple[int, bytes]] = []
+            items: list[tuple[int, _frames.Payload]] = []
             size = 1
+            given = 0
             inflight = w.inflight
-            while queue and len(items) < room:
-                if self.max_frame and items and size + len(queue[0].payload) + _frames.CALL_OVERHEAD > self.max_frame:
-                    break  # the frame is full: the rest waits for the next pass
-                task = queue.popleft()
+            while queue and given + len(items) < room:
+                task = queue[0]
+                payload = task.payload
+                psize = (len(payload) if type(payload) is bytes else _frames.payload_size(payload)) + _frames.CALL_OVERHEAD
+                if items and size + psize > frame_bytes:
+                    # this frame is full: the worker starts on it while the next one travels
+                    self._send_calls(w, items)
+                    given += len(items)
+                    items = []
+                    size = 1
+                    continue
+                queue.popleft()
                 if task.done or (not task.retries and not claim(task)):  # a re-dispatched task was claimed already
                     continue
-                items.append((task.id, task.payload))
-                size += len(task.payload) + _frames.CALL_OVERHEAD
+                items.append((task.id, payload))
+                size += psize
                 inflight.append(task)
                 tasks[task.id] = task
                 if task.timeout:
                     heapq.heappush(self._deadlines, (now + task.timeout, task.id))
             if items:
-                if w.budget > 0:
-                    w.budget -= len(items)
-                w.channel.send(_frames.encode_calls(items))
-                if w.budget == 0:  # its last tasks: STOP follows them, the replacement forks now
-                    self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", replace=True)
-                if w.channel.wants_write():
-                    self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
+                self._send_calls(w, items)
+            if w.budget == 0 and w.state != RETIRING:  # its last tasks: STOP follows them, the replacement forks now
+                self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", replace=True)
             if not queue:
                 break
+
+    def _send_calls(self, w: _Worker, items: list[tuple[int, _frames.Payload]]) -> None:
+        if w.budget > 0:
+            w.budget -= len(items)
+        _frames.send_pieces(w.channel, _frames.call_pieces(items))
+        if w.channel.wants_write():
+            self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
 
     def _auto_prefetch(self, queued: int) -> int:
         """Tasks in flight per worker: 1 for long tasks (fair spread), 2 for medium ones
@@ -731,12 +750,13 @@ class Supervisor:
             task = queue.popleft()
             if task.done or not self.sink.claim(task):
                 continue
-            record = self._inline.call(task.id, task.payload)
+            payload = task.payload
+            record = self._inline.call(task.id, payload if type(payload) is bytes else b"".join(payload))
             self._tasks[task.id] = task
             self._on_results_record(task, record)
 
-    def _on_results_record(self, task: Task, record: bytes) -> None:
-        frame = _frames.RESULTS_HEAD + record
+    def _on_results_record(self, task: Task, record: tuple[Any, ...]) -> None:
+        frame = b"".join((_frames.RESULTS_HEAD, *record))
         fake = _Worker(-1, 0, 0.0, -1)
         fake.inflight.append(task)
         self._on_results(fake, frame)

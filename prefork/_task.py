@@ -50,7 +50,7 @@ class Task:
         self.context = context
         self.callback = callback
         self.handle: Any = None
-        self.payload: bytes = b""
+        self.payload: Any = b""  #: the serialized call: bytes, or a list of parts (large blobs unjoined)
         self.retries = 0  #: re-dispatches after a worker died before starting it
         self.crashes = 0  #: workers that died while running it
         self.done = False

@@ -368,6 +368,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
     recv = channel.recv
     send = channel.send
     head = _frames.RESULTS_HEAD
+    send_pieces = _frames.send_pieces
     while True:
         frame = recv()
         if frame is None:
@@ -378,28 +379,29 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
         if kind != _frames.CALLS:
             continue
         calls = _frames.decode_calls(frame)
-        out: list[bytes] = []
+        del frame  # a large frame's buffer goes once its payload is decoded
+        out: list[_frames.Buffer] = [head]
         oldest = 0.0
         for tid, payload in calls:
-            if out and monotonic() - oldest > _FLUSH_AGE:
-                send(head + b"".join(out))
-                out = []
+            if len(out) > 1 and monotonic() - oldest > _FLUSH_AGE:
+                send_pieces(channel, out)
+                out = [head]
             words[base + _scoreboard.TASK] = tid
             now_ns = monotonic_ns()
             words[base + _scoreboard.STARTED] = now_ns
             words[base + _scoreboard.STATE] = _scoreboard.BUSY
-            record = caller.call(tid, payload)
+            out.extend(caller.call(tid, payload))
             words[base + _scoreboard.DONE] += 1
-            if not out:
+            if len(out) == 3:
                 oldest = now_ns / 1e9
-            out.append(record)
             if monotonic() - now_ns / 1e9 > _FLUSH_SLOW:
-                send(head + b"".join(out))
-                out = []
+                send_pieces(channel, out)
+                out = [head]
+        del calls
         words[base + _scoreboard.STATE] = _scoreboard.IDLE
         words[base + _scoreboard.SINCE] = monotonic_ns()
-        if out:
-            send(head + b"".join(out))
+        if len(out) > 1:
+            send_pieces(channel, out)
         if rss_limit and not asked:
             grown = _rss_bytes() - rss_base
             if grown > rss_limit:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor as _StdExecutor
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any, TypeVar
 
 from prefork._supervisor import Supervisor
@@ -25,8 +24,16 @@ from prefork.strategies.sink import FutureSink
 T = TypeVar("T")
 
 
-def _run_chunk(fn: Callable[..., T], chunk: list[tuple[Any, ...]]) -> list[T]:
-    return [fn(*args) for args in chunk]
+def _run_chunk(fn: Callable[..., T], *columns: list[Any]) -> list[T]:
+    """One chunk of a map: the arguments travel as columns (a list per iterable),
+    which pickle faster than a list of argument tuples."""
+    return list(map(fn, *columns))
+
+
+#: with no chunksize, a map sends about this many chunks to each worker (as multiprocessing.Pool)
+AUTO_CHUNKS_PER_WORKER = 4
+#: ... unless it has at most this many items per worker: then one item per task (balance first)
+AUTO_SMALL_MAP = 16
 
 
 class Executor(_StdExecutor):
@@ -97,22 +104,33 @@ class Executor(_StdExecutor):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Iterator[T]:
-        """Like :meth:`concurrent.futures.Executor.map`; ``chunksize`` sends that
-        many calls per task.  Results come in order; ``timeout`` counts from this call."""
-        if chunksize < 1:
+        """Like :meth:`concurrent.futures.Executor.map`: results in order, ``timeout``
+        counted from this call, the iterables consumed now.
+
+        ``chunksize`` calls travel in one task.  Without it the size is chosen
+        from the number of items: one per task for small maps, else about
+        ``AUTO_CHUNKS_PER_WORKER`` chunks per worker, as ``multiprocessing.Pool`` does.
+        """
+        if chunksize is not None and chunksize < 1:
             raise ValueError("chunksize must be >= 1")
-        if chunksize == 1:
-            return super().map(fn, *iterables, timeout=timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        args = zip(*iterables, strict=False)
-        futures = []
-        while True:
-            chunk = list(itertools.islice(args, chunksize))
-            if not chunk:
-                break
-            futures.append(self._sup.submit(_run_chunk, (fn, chunk)))
+        if len(iterables) == 1:
+            columns = [list(iterables[0])]
+        else:
+            columns = [list(c) for c in zip(*zip(*iterables, strict=False), strict=True)] or [[] for _ in iterables]
+        n = len(columns[0]) if columns else 0
+        if chunksize is None:
+            workers = max(1, self._sup.max_workers)
+            chunksize = 1 if n <= AUTO_SMALL_MAP * workers else -(-n // (workers * AUTO_CHUNKS_PER_WORKER))
+        submit = self._sup.submit
+        if chunksize == 1:
+            futures = [submit(fn, args) for args in zip(*columns, strict=True)]
+            return _single_results(futures, deadline)
+        futures = [
+            submit(_run_chunk, (fn, *(c[i : i + chunksize] for c in columns))) for i in range(0, n, chunksize)
+        ]
         return _chunked_results(futures, deadline)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -155,19 +173,27 @@ class _Options:
         return self._executor._sup.submit(fn, args, kwargs, timeout=self._timeout)  # type: ignore[no-any-return]
 
 
-def _chunked_results(futures: list[Future[list[T]]], deadline: float | None) -> Iterator[T]:
+def _single_results(futures: list[Future[T]], deadline: float | None) -> Iterator[T]:
     try:
         futures.reverse()
         while futures:
             fut = futures.pop()
-            try:
-                if deadline is None:
-                    chunk = fut.result()
-                else:
-                    chunk = fut.result(max(0.0, deadline - time.monotonic()))
-            except FuturesTimeout:
-                raise
-            yield from chunk
+            yield fut.result() if deadline is None else fut.result(max(0.0, deadline - time.monotonic()))
+    finally:
+        for fut in futures:
+            fut.cancel()
+
+
+def _chunked_results(futures: list[Future[list[T]]], deadline: float | None) -> Iterator[T]:
+    return itertools.chain.from_iterable(_chunks(futures, deadline))  # items flow in C, not through a generator
+
+
+def _chunks(futures: list[Future[list[T]]], deadline: float | None) -> Iterator[list[T]]:
+    try:
+        futures.reverse()
+        while futures:
+            fut = futures.pop()
+            yield fut.result() if deadline is None else fut.result(max(0.0, deadline - time.monotonic()))
     finally:
         for fut in futures:
             fut.cancel()

@@ -16,6 +16,8 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, as_comple
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import prefork
 from prefork import Executor
@@ -374,6 +376,29 @@ def test_map_exception_propagates_on_iteration(chunksize: int) -> None:
         assert [next(results) for _ in range(3)] == [0, 10, 20]
         with pytest.raises(KeyError, match="no 3"):
             next(results)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 200), extra=st.integers(0, 3), chunksize=st.one_of(st.none(), st.integers(1, 50)))
+def test_map_matches_the_builtin_map_for_any_size_and_chunking(n: int, extra: int, chunksize: int | None) -> None:
+    xs, ys = list(range(n)), list(range(100, 100 + n + extra))
+    with Executor(2) as ex:
+        assert list(ex.map(add, xs, ys, chunksize=chunksize)) == list(map(add, xs, ys))
+        assert list(ex.map(square, iter(xs), chunksize=chunksize)) == [x * x for x in xs]
+
+
+def test_map_without_chunksize_sends_big_maps_in_a_few_chunks_and_small_ones_item_by_item() -> None:
+    from prefork.executor import AUTO_CHUNKS_PER_WORKER, AUTO_SMALL_MAP
+
+    with Executor(2) as ex:
+        ex.submit(square, 1).result(timeout=10)
+        before = next(ex._sup._ids)
+        assert list(ex.map(square, range(10_000))) == [i * i for i in range(10_000)]
+        assert next(ex._sup._ids) - before - 1 == 2 * AUTO_CHUNKS_PER_WORKER
+        small = 2 * AUTO_SMALL_MAP
+        before = next(ex._sup._ids)
+        assert list(ex.map(square, range(small))) == [i * i for i in range(small)]
+        assert next(ex._sup._ids) - before - 1 == small
 
 
 # -- what can be sent -------------------------------------------------------------------------

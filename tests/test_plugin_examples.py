@@ -213,7 +213,7 @@ def pump(parent: Any, want: int, deadline: float) -> list[bytes]:
         if writable:
             parent.flush()
         if readable:
-            frames.extend(parent.read())
+            frames.extend(bytes(f) for f in parent.read())  # valid until the next read only: keep copies
     return frames
 
 

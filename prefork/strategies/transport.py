@@ -10,10 +10,12 @@ blocks.
 
 from __future__ import annotations
 
+import itertools
+import mmap
 import socket
 import struct
 from collections import deque
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
 import attrs
 
@@ -22,6 +24,13 @@ from prefork.errors import OptionError
 
 
 class ParentChannel(Protocol):
+    """The supervisor's end.  A channel may also offer ``send_parts(parts)``: one
+    frame given as a list of bytes-like parts, written without joining them (large
+    payloads are then never copied in Python).  Without it the supervisor joins.
+    Frames read may be any bytes-like object (``bytes``, ``bytearray``,
+    ``memoryview``); a frame needs to stay valid only until the next read, so a
+    channel may receive large frames into one buffer it reuses."""
+
     def fileno(self) -> int: ...
 
     def send(self, frame: bytes) -> None:
@@ -33,7 +42,7 @@ class ParentChannel(Protocol):
     def flush(self) -> None:
         """Write more queued bytes (the socket is writable)."""
 
-    def read(self) -> list[bytes]:
+    def read(self) -> list[Frame]:
         """Every complete frame available now; raises ``EOFError`` once the peer closed
         and every frame before the close was returned."""
 
@@ -45,7 +54,7 @@ class ChildChannel(Protocol):
 
     def send(self, frame: bytes) -> None: ...
 
-    def recv(self) -> bytes | None:
+    def recv(self) -> Frame | None:
         """The next frame, blocking; ``None`` at end of stream."""
 
     def close(self) -> None: ...
@@ -65,23 +74,90 @@ class Transport(Protocol):
 
 _HEADER = struct.Struct("<Q")
 _HSIZE = _HEADER.size
+#: frames at least this large are received straight into their own buffer, and sent
+#: as separate parts, never joined or copied in Python
+BIG_FRAME: Final = 65536
+_IOV_MAX: Final = 64  # parts per sendmsg
+MAP_FRAME: Final = 4 * 2**20
+KEEP_BUFFER: Final = 64 * 2**20  #: a receive buffer up to this size is kept for the next large frame
+Frame = bytes | bytearray | memoryview
 
 
 class FrameTooLarge(ValueError):
     pass
 
 
+def _buffer(size: int) -> bytearray:
+    """A writable buffer for large frames.  Past a few MiB, an anonymous map: its
+    pages are zeroed by the kernel as the data lands in them, where a bytearray
+    would first be filled with zeros by a pass over all of it."""
+    if size < MAP_FRAME:
+        return bytearray(size)
+    return mmap.mmap(-1, size)  # type: ignore[return-value]  # bytes-like, writable, indexable
+
+
+class _Spare:
+    """The one buffer a channel receives its large frames into, kept for the next:
+    fresh memory costs a page fault per 4 KiB page, which is most of the price of
+    a large payload.  A frame in it is valid until the channel's next read."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf: bytearray | None = None
+
+    def take(self, size: int) -> memoryview:
+        buf = self.buf
+        if buf is None or len(buf) < size:
+            buf = _buffer(size)
+            self.buf = buf if size <= KEEP_BUFFER else None
+        return memoryview(buf)[:size]
+
+
+def _split(
+    buf: bytearray, frames: list[Frame] | deque[Frame], spare: _Spare
+) -> tuple[memoryview | None, int]:
+    """Move every complete frame out of ``buf`` (one copy each) into ``frames``.
+
+    A large frame that has only begun to arrive moves to the spare buffer,
+    returned with how many of its bytes are there; the rest is received into it.
+    """
+    pos = 0
+    end = len(buf)
+    big: memoryview | None = None
+    got = 0
+    with memoryview(buf) as view:
+        while end - pos >= _HSIZE:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            start = pos + _HSIZE
+            if end - start < size:
+                if size >= BIG_FRAME:
+                    got = end - start
+                    big = spare.take(size)
+                    big[:got] = view[start:end]
+                    pos = end
+                break
+            frames.append(bytes(view[start : start + size]))
+            pos = start + size
+    if pos:
+        del buf[:pos]
+    return big, got
+
+
 class _PipeParent:
-    __slots__ = ("_eof", "_inbuf", "_max_frame", "_out", "_read_size", "sock")
+    __slots__ = ("_big", "_eof", "_got", "_inbuf", "_max_frame", "_out", "_read_size", "_spare", "sock")
 
     def __init__(self, sock: socket.socket, read_size: int, max_frame: int) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._inbuf = bytearray()
-        self._out: deque[bytes | memoryview] = deque()
+        self._out: deque[bytes | bytearray | memoryview] = deque()
         self._read_size = read_size
         self._max_frame = max_frame
         self._eof = False
+        self._big: memoryview | None = None
+        self._got = 0
+        self._spare = _Spare()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -91,7 +167,7 @@ class _PipeParent:
         if self._max_frame and size > self._max_frame:
             raise FrameTooLarge(f"a frame of {size} bytes exceeds transport.max_frame = {self._max_frame}")
         out = self._out
-        if size < 65536:
+        if size < BIG_FRAME:
             out.append(_HEADER.pack(size) + frame)
         else:  # no copy of a large payload
             out.append(_HEADER.pack(size))
@@ -99,30 +175,66 @@ class _PipeParent:
         if len(out) <= 2:
             self.flush()
 
+    def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        size = sum(len(p) for p in parts)
+        if self._max_frame and size > self._max_frame:
+            raise FrameTooLarge(f"a frame of {size} bytes exceeds transport.max_frame = {self._max_frame}")
+        was = len(self._out)
+        self._out.append(_HEADER.pack(size))
+        self._out.extend(parts)
+        if not was:
+            self.flush()
+
     def wants_write(self) -> bool:
         return bool(self._out)
 
     def flush(self) -> None:
         out = self._out
+        sock = self.sock
         while out:
-            head = out[0]
             try:
-                sent = self.sock.send(head)
+                if len(out) == 1:
+                    sent = sock.send(out[0])
+                else:
+                    sent = sock.sendmsg(list(itertools.islice(out, _IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 return
             except (BrokenPipeError, ConnectionResetError):
                 out.clear()  # the worker is gone; its death is judged on read
                 return
-            if sent < len(head):
-                out[0] = memoryview(head)[sent:]
-                return
-            out.popleft()
+            while sent:
+                head = out[0]
+                n = len(head)
+                if sent < n:
+                    out[0] = memoryview(head)[sent:]
+                    return  # the socket took what it could
+                out.popleft()
+                sent -= n
 
-    def read(self) -> list[bytes]:
+    def read(self) -> list[Frame]:
         buf = self._inbuf
+        frames: list[Frame] = []
+        sock = self.sock
         while not self._eof:
+            big = self._big
+            if big is not None:  # a large frame arrives straight into the spare buffer
+                try:
+                    n = sock.recv_into(big[self._got :])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except ConnectionResetError:
+                    n = 0
+                if not n:
+                    self._eof = True
+                    break
+                self._got += n
+                if self._got == len(big):
+                    frames.append(big)
+                    self._big = None
+                    break  # the spare is this frame's until the next read
+                continue
             try:
-                chunk = self.sock.recv(self._read_size)
+                chunk = sock.recv(self._read_size)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionResetError:
@@ -131,19 +243,9 @@ class _PipeParent:
                 self._eof = True
                 break
             buf += chunk
-            if len(chunk) < self._read_size:
+            self._big, self._got = _split(buf, frames, self._spare)
+            if len(chunk) < self._read_size and self._big is None:
                 break
-        frames: list[bytes] = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= _HSIZE:
-            (size,) = _HEADER.unpack_from(buf, pos)
-            if end - pos - _HSIZE < size:
-                break
-            frames.append(bytes(buf[pos + _HSIZE : pos + _HSIZE + size]))
-            pos += _HSIZE + size
-        if pos:
-            del buf[:pos]
         if self._eof and not frames:
             raise EOFError
         return frames
@@ -154,38 +256,56 @@ class _PipeParent:
 
 
 class _PipeChild:
-    __slots__ = ("_buf", "_read_size", "sock")
+    __slots__ = ("_big", "_buf", "_got", "_read_size", "_ready", "_spare", "sock")
 
     def __init__(self, sock: socket.socket, read_size: int) -> None:
         sock.setblocking(True)
         self.sock = sock
         self._buf = bytearray()
         self._read_size = read_size
+        self._ready: deque[Frame] = deque()
+        self._big: memoryview | None = None
+        self._got = 0
+        self._spare = _Spare()
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, frame: bytes) -> None:
-        if len(frame) < 65536:
+        if len(frame) < BIG_FRAME:
             self.sock.sendall(_HEADER.pack(len(frame)) + frame)
         else:
             self.sock.sendall(_HEADER.pack(len(frame)))
             self.sock.sendall(frame)
 
-    def recv(self) -> bytes | None:
+    def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        todo: list[bytes | bytearray | memoryview] = [_HEADER.pack(sum(len(p) for p in parts)), *parts]
+        sock = self.sock
+        while todo:
+            sent = sock.sendmsg(todo[:_IOV_MAX])
+            while sent:
+                n = len(todo[0])
+                if sent < n:
+                    todo[0] = memoryview(todo[0])[sent:]
+                    break
+                del todo[0]
+                sent -= n
+
+    def recv(self) -> Frame | None:
         buf = self._buf
         while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._big is not None:
+                big, self._big = self._big, None
+                return self._fill(big, self._got)
             if len(buf) >= _HSIZE:
                 (size,) = _HEADER.unpack_from(buf, 0)
-                if len(buf) - _HSIZE >= size:
-                    frame = bytes(buf[_HSIZE : _HSIZE + size])
-                    del buf[: _HSIZE + size]
-                    return frame
-                want = max(self._read_size, size + _HSIZE - len(buf))
-            else:
-                want = self._read_size
+                if len(buf) - _HSIZE >= size or size >= BIG_FRAME:
+                    self._big, self._got = _split(buf, self._ready, self._spare)
+                    continue
             try:
-                chunk = self.sock.recv(want)
+                chunk = self.sock.recv(self._read_size)
             except InterruptedError:
                 continue
             except ConnectionResetError:
@@ -193,6 +313,20 @@ class _PipeChild:
             if not chunk:
                 return None
             buf += chunk
+
+    def _fill(self, big: memoryview, got: int) -> memoryview | None:
+        """Receive the rest of a large frame straight into the spare buffer."""
+        while got < len(big):
+            try:
+                n = self.sock.recv_into(big[got:])
+            except InterruptedError:
+                continue
+            except ConnectionResetError:
+                return None
+            if not n:
+                return None
+            got += n
+        return big
 
     def close(self) -> None:
         self.sock.close()
