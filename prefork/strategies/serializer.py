@@ -67,7 +67,7 @@ class _PartsPickler:
             return _fresh_parts(obj)
         try:
             self._pickler.dump(obj)
-            parts = self._parts.copy()
+            parts = _owned(self._parts)
         finally:
             self._parts.clear()
             self._pickler.clear_memo()
@@ -80,7 +80,14 @@ def _fresh_parts(obj: Any, pickler: type[pickle.Pickler] = pickle.Pickler) -> li
     out = _Out()
     out.write = parts.append
     pickler(out, pickle.HIGHEST_PROTOCOL).dump(obj)
-    return parts
+    return _owned(parts)
+
+
+def _owned(parts: list[Any]) -> list[Part]:
+    """The parts, each an immutable ``bytes``: a blob streamed from a mutable object
+    (a ``bytearray``, a NumPy array's buffer) is copied, so that changing the object
+    after ``submit`` cannot change the task; ``bytes`` are shared, never copied."""
+    return [p if type(p) is bytes else bytes(p) for p in parts]
 
 
 def _join(parts: list[Part]) -> bytes:
