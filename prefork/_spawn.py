@@ -21,6 +21,7 @@ handler is needed.  Events come back as tuples:
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pickle
 import selectors
@@ -252,6 +253,7 @@ def _serve(ctx: WorkerContext, sock: socket.socket) -> NoReturn:
 
 
 def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
+    gc.freeze()  # what the workers inherit through us stays shared (see prepare())
     close_fds(ctx.internal_fds, sock.fileno())
     ctx.internal_fds.clear()
     ctx.internal_fds.add(sock.fileno())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -552,3 +554,70 @@ def test_future_type() -> None:
         fut = ex.submit(square, 2)
         assert isinstance(fut, Future)
         fut.result(timeout=10)
+
+
+MAIN_SCRIPT = '''
+import sys
+import prefork
+
+BIG = bytes(20_000_000)  # a script's big global: never copied into a task
+SETTING = "at start"
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+def work(p):
+    return (type(p).__name__, p.x, len(BIG), SETTING)
+
+
+always = sys.argv[1] == "always"
+with prefork.Executor(1, overrides={"serializer.always": always}) as ex:
+    SETTING = "changed after start"
+    dumps = ex._sup.serializer.dumps
+    print("task bytes", len(dumps((work, (Point(1),), {}))))
+    print("result", ex.submit(work, Point(2)).result(timeout=30))
+
+    def work(p):  # rebound after start: the workers cannot have this one
+        return ("redefined", p.x, SETTING)
+
+    print("task bytes", len(dumps((work, (Point(3),), {}))))
+    print("result", ex.submit(work, Point(3)).result(timeout=30))
+'''
+
+
+@pytest.mark.parametrize("mode", ["default", "always"])
+def test_main_functions_made_before_the_pool_go_by_reference(tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(MAIN_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    sizes = [int(line.split()[-1]) for line in lines if line.startswith("task bytes")]
+    results = [line.partition(" ")[2] for line in lines if line.startswith("result")]
+    if mode == "default":
+        # as with multiprocessing: the workers' own copy of the function and its globals
+        assert sizes[0] < 1000
+        assert results[0] == "('Point', 2, 20000000, 'at start')"
+    else:  # cloudpickle for everything: by value, with today's globals
+        assert sizes[0] > 20_000_000
+        assert results[0] == "('Point', 2, 20000000, 'changed after start')"
+    # a function bound after the pool was made travels by value, in both modes
+    assert sizes[1] < 20_000_000
+    assert results[1] == "('redefined', 3, 'changed after start')"
+
+
+def frozen_count() -> int:
+    import gc
+
+    return gc.get_freeze_count()
+
+
+def test_workers_keep_inherited_objects_out_of_the_cyclic_gc() -> None:
+    # A collection in a worker must not write to what it shares with its parent.
+    inherited = [[i] for i in range(20_000)]
+    with Executor(1) as ex:
+        assert ex.submit(frozen_count).result(timeout=10) >= len(inherited)
+    del inherited

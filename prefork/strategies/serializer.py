@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 import threading
 from collections.abc import Callable
+from types import FunctionType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
@@ -40,6 +42,9 @@ class Serializer(Protocol):
 Part = bytes | bytearray | memoryview
 
 
+_MakePickler = Callable[[Any, int], pickle.Pickler]
+
+
 class _Out:
     __slots__ = ("write",)
     write: Callable[[Any], Any]
@@ -53,18 +58,19 @@ class _PartsPickler:
     objects.  Used by one thread at a time; another thread, or a ``__reduce__``
     that pickles again, gets a fresh pickler."""
 
-    __slots__ = ("_lock", "_parts", "_pickler")
+    __slots__ = ("_lock", "_make", "_parts", "_pickler")
 
-    def __init__(self) -> None:
+    def __init__(self, make: _MakePickler = pickle.Pickler) -> None:
         self._parts: list[Part] = []
         out = _Out()
         out.write = self._parts.append
-        self._pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
+        self._make = make
+        self._pickler = make(out, pickle.HIGHEST_PROTOCOL)
         self._lock = threading.Lock()
 
     def dump(self, obj: Any) -> list[Part]:
         if not self._lock.acquire(blocking=False):
-            return _fresh_parts(obj)
+            return _fresh_parts(obj, self._make)
         try:
             self._pickler.dump(obj)
             parts = _owned(self._parts)
@@ -75,7 +81,7 @@ class _PartsPickler:
         return parts
 
 
-def _fresh_parts(obj: Any, pickler: type[pickle.Pickler] = pickle.Pickler) -> list[Part]:
+def _fresh_parts(obj: Any, pickler: _MakePickler = pickle.Pickler) -> list[Part]:
     parts: list[Part] = []
     out = _Out()
     out.write = parts.append
@@ -97,6 +103,51 @@ def _join(parts: list[Part]) -> bytes:
 def _names_main(parts: list[Part]) -> bool:
     """Whether the pickle refers to ``__main__``; blobs (large parts) are data, not looked at."""
     return any(b"__main__" in part for part in parts if len(part) < 65536)
+
+
+def _main_snapshot() -> dict[str, Any]:
+    """The functions and classes ``__main__`` holds now, by name: a worker forked from
+    now on inherits each of them under the same name."""
+    main = sys.modules.get("__main__")
+    return {
+        name: obj
+        for name, obj in list(vars(main).items() if main is not None else ())
+        if isinstance(obj, (FunctionType, type))
+        and getattr(obj, "__module__", None) == "__main__"
+        and getattr(obj, "__qualname__", None) == name
+    }
+
+
+class _ByValue(Exception):
+    """A function or class of ``__main__`` that the workers may not have."""
+
+
+class _InheritedMainPickler(pickle.Pickler):
+    """Plain C pickle that lets a reference into ``__main__`` through only when it
+    names a function or class the workers inherited at fork (the same object, under
+    the same name); anything else in ``__main__`` raises ``_ByValue``.
+    ``reducer_override`` runs for functions, classes and instances of user classes
+    only, so this costs a Python call per such object, nothing per int or str."""
+
+    inherited: dict[str, Any] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, (FunctionType, type))
+            and getattr(obj, "__module__", None) == "__main__"
+            and self.inherited.get(getattr(obj, "__qualname__", "")) is not obj
+        ):
+            raise _ByValue
+        return NotImplemented
+
+
+def _inherited_main_pickler(inherited: dict[str, Any]) -> _MakePickler:
+    def make(out: Any, protocol: int) -> pickle.Pickler:
+        pickler = _InheritedMainPickler(out, protocol)
+        pickler.inherited = inherited
+        return pickler
+
+    return make
 
 
 @attrs.frozen
@@ -123,8 +174,13 @@ class CloudpickleSerializer:
     """pickle first, cloudpickle when pickle refuses: lambdas and closures work.
 
     Objects pickle by reference fast; only what plain pickle cannot do (a lambda,
-    a closure, a class defined in ``__main__`` after the pool started) pays for
-    cloudpickle.  ``always`` forces cloudpickle for everything.
+    a closure, a function or class defined in ``__main__`` after the pool was
+    made) pays for cloudpickle.  A function or class that ``__main__`` held when
+    the pool was made goes by reference too, as with ``multiprocessing``: the
+    workers, forked later, have it, with the module globals of that moment (a
+    script's big global is never copied into every task).  ``always`` forces
+    cloudpickle for everything, which sends ``__main__`` functions by value with
+    the current values of the globals they use.
     """
 
     name: ClassVar[str] = "cloudpickle"
@@ -132,6 +188,9 @@ class CloudpickleSerializer:
     takes_buffers: ClassVar[bool] = True
     always: bool = attrs.field(default=False, metadata={"doc": "use cloudpickle for every payload, never plain pickle first"})
     _pickler: _PartsPickler = attrs.field(init=False, factory=_PartsPickler, repr=False, eq=False)
+    # made with the pool, before its workers are forked: what they are sure to inherit
+    _main_pickler: _PartsPickler = attrs.field(
+        init=False, factory=lambda: _PartsPickler(_inherited_main_pickler(_main_snapshot())), repr=False, eq=False)
 
     def dumps(self, obj: Any) -> bytes:
         return _join(self.dumps_parts(obj))
@@ -143,10 +202,14 @@ class CloudpickleSerializer:
             except (pickle.PicklingError, AttributeError, TypeError):
                 pass
             else:
-                # A reference into __main__ may name something the workers, forked
-                # earlier, do not have: cloudpickle sends those by value.
                 if not _names_main(parts):
                     return parts
+                # A reference into __main__ may name something the workers, forked
+                # earlier, do not have: cloudpickle sends those by value.
+                try:
+                    return self._main_pickler.dump(obj)
+                except _ByValue:
+                    pass
         return _fresh_parts(obj, cloudpickle.Pickler)
 
     def loads(self, data: bytes) -> Any:
