@@ -264,10 +264,15 @@ class Supervisor:
         if self.max_workers == 0:
             self._inline = Caller(self.serializer, self.resolver, self.hook, WorkerInfo(slot=-1, name=self.config.name, serial=0, pid=os.getpid()))
         else:
-            self.spawner.start()  # the fork server forks now, before our thread exists
-            self._sync_spawner_fds()
             if self.threaded and isinstance(self.spawner, ForkServer):
-                self._scale(time.monotonic())  # spawn requests wait in its socket: it forks when it is up
+                # The first workers, asked for now: forked here from the main thread, or
+                # queued in the fork server's socket (it forks them when it is up).
+                self.spawner.start(first=lambda: self._scale(time.monotonic()))
+            else:
+                self.spawner.start()  # the fork server forks now, before our thread exists
+            self._sync_spawner_fds()
+            for event in self.spawner.take_ready():  # a worker forked here: watch its channel now
+                self._on_spawner_event(event)
         _live.add(self)
         if self.threaded:
             self._thread = threading.Thread(target=self._run, name=f"{self.config.name}-supervisor", daemon=True)
@@ -482,18 +487,22 @@ class Supervisor:
     def _fork_server_lost(self) -> None:
         restart = not self._closing
         self._log(logging.ERROR, "the fork server died; its workers die with it" + ("; starting a new one" if restart else ""))
+        assert isinstance(self.spawner, ForkServer)
+        here = self.spawner.detach_here()  # the workers forked here live on
         self._sync_spawner_fds()  # the dead server watches nothing any more
         for w in list(self._workers.values()):
+            if here is not None and w.pid and here.owns(w.pid):
+                continue
             w.lost = True  # no exit status will come: judge each at end of stream
             if w.pid == 0:
                 self._release(w)  # its spawn request died with the server
             elif w.eof:
                 self._judge(w)
         self.spawner.stop()
-        if not restart:
-            return
-        self.spawner = ForkServer(self.ctx)
-        self.spawner.start()
+        if restart:
+            self.spawner = ForkServer(self.ctx)
+            self.spawner.start()
+        self.spawner.adopt(here)
         self._sync_spawner_fds()
 
     # -- spawning -------------------------------------------------------------------

@@ -41,7 +41,9 @@ def prefork_before_fork(worker: WorkerInfo) -> None:
     """Called in the forking process just before a worker is forked.
 
     With ``fork_from = "forkserver"`` (the default) the forking process is the
-    pool's fork server, a copy of the caller made when the pool started.
+    pool's fork server, a copy of the caller made when the pool started, except
+    for the first worker of a pool started from the main thread: the caller forks
+    that one itself, at start.
     """
 
 

@@ -18,9 +18,10 @@ import importlib
 import importlib.metadata
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Final
+from types import FunctionType, MethodType, ModuleType
+from typing import Any, ClassVar, Final
 
 import pluggy
 
@@ -38,12 +39,45 @@ BUILTIN_PLUGINS: Final = (
 )
 
 
+_HOOKABLE: Final = (FunctionType, MethodType, classmethod, staticmethod)
+
+
+class _Manager(pluggy.PluginManager):
+    """pluggy looks at every name of a plugin through ``inspect.getattr_static``;
+    for modules that was 70% of starting a pool.  A module's name can only be a
+    hook when it holds a function, method, classmethod or staticmethod (pluggy's own
+    rule), so every other name is passed over at once, and the verdict on a
+    function is remembered for as long as the module holds that same function."""
+
+    _verdicts: ClassVar[dict[tuple[int, str, str], tuple[object, Any]]] = {}
+
+    def _cached(self, plugin: Any, name: str, kind: str, parse: Callable[[Any, str], Any]) -> Any:
+        if type(plugin) is not ModuleType:
+            return parse(plugin, name)
+        value = plugin.__dict__.get(name)
+        if not isinstance(value, _HOOKABLE):
+            return None
+        key = (id(plugin), name, kind)
+        seen = self._verdicts.get(key)
+        if seen is not None and seen[0] is value:
+            return seen[1]
+        verdict = parse(plugin, name)
+        self._verdicts[key] = (value, verdict)
+        return verdict
+
+    def parse_hookimpl_opts(self, plugin: Any, name: str) -> Any:
+        return self._cached(plugin, name, "impl", super().parse_hookimpl_opts)
+
+    def parse_hookspec_opts(self, module_or_class: Any, name: str) -> Any:
+        return self._cached(module_or_class, name, "spec", super().parse_hookspec_opts)
+
+
 def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | None = None) -> pluggy.PluginManager:
     """A plugin manager with built-ins, entry points and ``plugins`` registered in order.
 
     ``plugins`` holds module names (imported here) or plugin objects.
     """
-    pm = pluggy.PluginManager(NAME)
+    pm = _Manager(NAME)
     pm.add_hookspecs(hookspecs)
     for blocked in filter(None, (n.strip() for n in os.environ.get("PREFORK_DISABLE_PLUGINS", "").split(","))):
         pm.set_blocked(blocked)

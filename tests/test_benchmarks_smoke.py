@@ -1,13 +1,21 @@
-"""The executor benchmark runs (no speed is asserted here, ever)."""
+"""The executor and memory benchmarks run (no speed or memory figure is asserted here, ever)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+POOLS = ("prefork", "mp.Pool", "ProcessPoolExecutor")
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def test_the_executor_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
@@ -23,3 +31,68 @@ def test_the_executor_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
         assert data["medians"][pool]["submit"] > 0
         assert 0 < data["medians"][pool]["roundtrip_p50"] <= data["medians"][pool]["roundtrip_p99"]
     assert "prefork/best peer" in run.stdout
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("case", "label"), [("payload", "payload (MiB/s)"), ("map_auto", "map_auto (tasks/s)")])
+def test_an_executor_case_runs_for_every_pool(tmp_path: Path, case: str, label: str) -> None:
+    out = tmp_path / "executor.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_executor.py", "--quick", "--rounds", "1", "--only", case,
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(out.read_text())
+    assert list(data["sizes"]) == [case]
+    assert set(POOLS) <= set(data["medians"])
+    for pool, metrics in data["medians"].items():
+        assert positive(metrics[case]), (pool, metrics)
+    assert label in run.stdout and "prefork/best peer" in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_supervisor_memory_case_samples_rss(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_memory.py", "--quick", "--only", "supervisor", "--tasks", "20000",
+         "--every", "5000", "--peers", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(out.read_text())
+    assert data["leftover_processes"] == [] and "fork" not in data
+    pools = data["supervisor"]["pools"]
+    assert set(pools) == {"prefork", "mp.Pool"}
+    for name, r in pools.items():
+        assert r["tasks"] == 20_000 and len(r["samples"]) == 4, name
+        for key in ("tasks_per_s", "baseline_mib", "max_mib", "end_mib"):
+            assert positive(r[key]), (name, key, r[key])
+        assert math.isfinite(r["drift_pct"])
+        assert name in run.stdout
+    assert "within 10%" in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_fork_memory_case_reads_every_pool(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_memory.py", "--quick", "--only", "fork", "--mb", "5", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=110,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(out.read_text())
+    assert data["leftover_processes"] == [] and "supervisor" not in data
+    variants = data["fork"]["variants"]
+    assert set(variants) == {"none", "blob", "objects"}
+    for variant, pools in variants.items():
+        assert set(pools) == set(POOLS)
+        for name, r in pools.items():
+            for key in ("parent_rss_mib", "worker_rss_mib", "worker_pss_mib", "worker_uss_lookup_mib",
+                        "worker_uss_mib"):
+                assert positive(r[key]), (variant, name, key, r[key])
+            assert len(r["workers"]) == 2
+    assert variants["blob"]["prefork"]["bytes"] == 5_000_000
+    assert variants["objects"]["prefork"]["entries"] > 0
+    for word in ("USS gc", "objects", *POOLS):
+        assert word in run.stdout

@@ -212,7 +212,9 @@ def test_special_methods_run_where_the_seed_runs_them(tmp_path: Path, monkeypatc
         d.shutdown()
     lines = [line.split(" ", 2) for line in (tmp_path / "special.log").read_text().splitlines()]
     seen = {what: (int(pid), args) for what, pid, args in lines}
-    assert seen["fork_preinit"][0] == server and seen["fork_postinit"][0] == server  # the forking parent
+    # the forking parent: the caller itself for the worker forked at start, as in the seed
+    assert seen["fork_preinit"][0] == os.getpid() and seen["fork_postinit"][0] == os.getpid()
+    assert server != os.getpid()
     assert seen["fork_init"][0] == worker
     assert seen["precall"] == (worker, "[41]") and seen["postcall"] == (worker, "[41]")
     assert [what for what, _, _ in lines].index("precall") < [what for what, _, _ in lines].index("postcall")

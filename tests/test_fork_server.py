@@ -5,12 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
+from pathlib import Path
 
 import pytest
 
 import prefork
-from prefork.testing import pid_alive, reaped, wait_until
+from prefork.testing import pid_alive, reaped, wait_for_file, wait_until
+
+
+def mark_and_wait(started: str, gate: str, deadline: float = 10.0) -> int:
+    with open(started, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return wait_for_file(gate, deadline)
 
 
 def parent_of(pid: int) -> int:
@@ -21,11 +27,30 @@ def parent_of(pid: int) -> int:
 
 
 
-def test_workers_are_children_of_the_fork_server() -> None:
-    with prefork.Executor(2) as ex:
-        ex.submit(int).result(10)
+def test_the_first_worker_is_the_callers_child_and_the_others_the_fork_servers() -> None:
+    with prefork.Executor(2, overrides={"pool.max_tasks_per_child": 1}) as ex:
+        wait_until(lambda: ex.stats()["idle"] == 2, what="two idle workers")
         server = ex._sup.spawner.pid
         assert parent_of(server) == os.getpid()
+        parents = sorted(parent_of(pid) for pid in ex.pids())
+        assert parents == sorted([os.getpid(), server])  # one forked here at start, one by the server
+        first = ex.pids()
+        for _ in range(4):  # every worker recycled: the replacements all come from the server
+            ex.submit(int).result(10)
+        wait_until(lambda: not set(ex.pids()) & set(first) and ex.stats()["idle"] == 2, what="replacements")
+        assert all(parent_of(pid) == server for pid in ex.pids())
+
+
+def test_a_pool_started_from_another_thread_forks_every_worker_in_the_fork_server() -> None:
+    # The parent death signal of a worker forked here would belong to that thread.
+    made: list[prefork.Executor] = []
+    thread = threading.Thread(target=lambda: made.append(prefork.Executor(2)))
+    thread.start()
+    thread.join(10)
+    with made[0] as ex:
+        ex.submit(int).result(10)
+        wait_until(lambda: ex.stats()["idle"] == 2, what="two idle workers")
+        server = ex._sup.spawner.pid
         assert all(parent_of(pid) == server for pid in ex.pids())
 
 
@@ -35,24 +60,31 @@ def test_direct_mode_forks_from_the_caller() -> None:
         assert [parent_of(pid) for pid in ex.pids()] == [os.getpid()]
 
 
-def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(prefork_subreaper: None) -> None:
-    ex = prefork.Executor(1)
+def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(prefork_subreaper: None, tmp_path: Path) -> None:
+    started, gate = tmp_path / "started", str(tmp_path / "gate")
+    ex = prefork.Executor(2)
     try:
-        running = ex.submit(time.sleep, 30)
+        running = [ex.submit(mark_and_wait, str(started), gate, 30) for _ in range(2)]
+        wait_until(lambda: started.exists() and len(started.read_text().split()) == 2, what="both tasks running")
         queued = ex.submit(os.getpid)
-        wait_until(lambda: ex.stats()["busy"] == 1, what="a busy worker")
-        old_server, old_worker = ex._sup.spawner.pid, ex.pids()[0]
+        old_server = ex._sup.spawner.pid
+        (here,) = [p for p in ex.pids() if parent_of(p) == os.getpid()]
+        (served,) = [p for p in ex.pids() if parent_of(p) == old_server]
+        on_served = running[[int(p) for p in started.read_text().split()].index(served)]
+        on_here = running[1 - running.index(on_served)]
         os.kill(old_server, signal.SIGKILL)
+        # the server's worker dies with it; the one forked here lives on
         with pytest.raises(prefork.WorkerLost, match="unknown exit status"):
-            running.result(10)
+            on_served.result(10)
         new_pid = queued.result(10)  # never started: it runs on a worker of the new server
-        assert new_pid != old_worker
-        assert ex._sup.spawner.pid != old_server
-        assert not pid_alive(old_worker)
+        assert new_pid not in (here, served)
+        assert ex._sup.spawner.pid != old_server and parent_of(new_pid) == ex._sup.spawner.pid
+        assert not pid_alive(served) or reaped(served)
+        Path(gate).touch()
+        assert on_here.result(10) == here
     finally:
         ex.shutdown()
-    wait_until(lambda: reaped(old_worker), what="the orphaned worker to be reaped")
-
+    wait_until(lambda: reaped(served), what="the orphaned worker to be reaped")
 
 
 LOCK = threading.Lock()

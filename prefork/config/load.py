@@ -73,6 +73,14 @@ def _parse(text: str, source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
 
 
+@functools.lru_cache(maxsize=16)
+def _profile_layer(profile: str, source: str) -> dict[str, Any]:
+    """A packaged profile, parsed once per process (callers take a ``_plain`` copy)."""
+    data = _normalize(_parse(profile_text(profile), source), source)
+    data.pop("profile", None)
+    return data
+
+
 def _read_file(path: str | os.PathLike[str], source: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -87,9 +95,11 @@ def _read_file(path: str | os.PathLike[str], source: str) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """Mappings (deeply) as fresh dicts, so merging never touches the caller's objects."""
+    """Mappings (deeply) as fresh dicts and lists as fresh lists, so merging never touches the caller's objects."""
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_plain(v) for v in value]
     return value
 
 
@@ -309,8 +319,7 @@ def load_config(
     profile, profile_source = _choose_profile(file_data, keyword_data, file_source)
 
     layers = _Layers(fallback=f"profile {profile!r}")
-    profile_data = _normalize(_parse(profile_text(profile), layers.fallback), layers.fallback)
-    profile_data.pop("profile", None)
+    profile_data = _plain(_profile_layer(profile, layers.fallback))
     layers.add(profile_data, layers.fallback)
     layers.add(file_data, file_source)
     layers.add(keyword_data, KEYWORDS)

@@ -514,10 +514,10 @@ def sleep_then_pid(seconds: float) -> int:
 
 
 def test_workers_ignore_sigint_the_supervisor_decides(tmp_path: Path) -> None:
-    gate = str(tmp_path / "gate")
+    started, gate = tmp_path / "started", str(tmp_path / "gate")
     with Executor(1) as ex:
-        running = ex.submit(wait_for_file, gate, 10)
-        pid = wait_until(lambda: ex.stats()["busy"] == 1 and ex.pids()[0], what="a busy worker")
+        running = ex.submit(mark_and_wait, str(started), gate, 10)
+        (pid,) = _wait_started(started)
         os.kill(pid, signal.SIGINT)  # as a terminal's Ctrl-C would, to the whole foreground group
         Path(gate).touch()
         assert running.result(timeout=10) == pid
@@ -611,9 +611,9 @@ def test_workers_inherit_no_handler_of_the_parent(tmp_path: Path) -> None:
     old = signal.signal(signal.SIGUSR1, _parent_handler)
     try:
         with Executor(1) as ex:
-            gate = str(tmp_path / "gate")
-            fut = ex.submit(wait_for_file, gate, 10)
-            pid = wait_until(lambda: ex.stats()["busy"] == 1 and ex.pids()[0], what="a busy worker")
+            started, gate = tmp_path / "started", str(tmp_path / "gate")
+            fut = ex.submit(mark_and_wait, str(started), gate, 10)
+            (pid,) = _wait_started(started)  # in user code: its death fails the task
             os.kill(pid, signal.SIGUSR1)  # default action in the worker: it dies
             exc = fut.exception(timeout=10)
         assert isinstance(exc, prefork.WorkerLost) and exc.signal_name == "SIGUSR1"
