@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import time
+from typing import Any
+
+PRELOADED: Any = None  # set by bench_memory.py before a pool forks: its workers inherit it
 
 
 def noop() -> None:
@@ -11,6 +16,11 @@ def noop() -> None:
 
 def noop_arg(x: int) -> int:
     return x
+
+
+def length(data: bytes) -> int:
+    """The size of an argument: the payload case sends large ones."""
+    return len(data)
 
 
 def burn(loops: int) -> int:
@@ -31,3 +41,20 @@ def calibrate(seconds: float) -> int:
         if took > 0.05:
             return max(1, int(loops * seconds / took))
         loops *= 2
+
+
+def probe_preloaded(collect: bool) -> tuple[int, int]:
+    """Read 100 items of ``PRELOADED``, then run a full collection if asked.
+
+    Returns the worker's pid and how many objects its cyclic GC has frozen.  The short
+    sleep spreads a batch of probes over every worker.
+    """
+    data = PRELOADED
+    if data:
+        step = max(1, len(data) // 100)
+        for i in range(0, len(data), step):
+            data[i]
+    if collect:
+        gc.collect()
+    time.sleep(0.02)
+    return os.getpid(), gc.get_freeze_count()

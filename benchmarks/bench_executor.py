@@ -7,10 +7,17 @@
 Cases (2 workers everywhere):
   submit     N no-op tasks submitted one by one, then waited for   tasks/s, higher is better
   map        M no-op tasks through the pool's bulk map, chunked     tasks/s, higher is better
+  map_auto   50,000 no-op tasks through the bulk map, chunk size    tasks/s, higher is better
+             left to the pool (what a user gets by default)
+  payload    200 tasks, each sent a 1 MiB bytes, returning its len  MiB/s sent, higher is better
   roundtrip  one no-op task at a time, submit to result             p50 and p99 in µs, lower is better
   start      creating the pool until the first result is back       ms, lower is better
   shutdown   shutting down a pool whose workers are idle            ms, lower is better
   cpu        200 tasks of 10 ms of CPU each                         % of the ideal, higher is better
+
+map_auto runs fewer tasks than map: ProcessPoolExecutor, loky and pebble
+default to one item per task, about 10,000 tasks/s here, and 200,000 such
+tasks would take 20 s per pool and round.
 
 Within a round every pool runs every case, the order of the pools rotating
 from round to round; the table shows medians over the rounds and each
@@ -43,20 +50,24 @@ import _tasks
 import prefork
 
 WORKERS = 2
-HIGHER_IS_BETTER = {"submit": True, "map": True, "roundtrip_p50": False, "roundtrip_p99": False,
-                    "start": False, "shutdown": False, "cpu": True}
-UNITS = {"submit": "tasks/s", "map": "tasks/s", "roundtrip_p50": "µs", "roundtrip_p99": "µs",
-         "start": "ms", "shutdown": "ms", "cpu": "% ideal"}
+HIGHER_IS_BETTER = {"submit": True, "map": True, "map_auto": True, "payload": True, "roundtrip_p50": False,
+                    "roundtrip_p99": False, "start": False, "shutdown": False, "cpu": True}
+UNITS = {"submit": "tasks/s", "map": "tasks/s", "map_auto": "tasks/s", "payload": "MiB/s", "roundtrip_p50": "µs",
+         "roundtrip_p99": "µs", "start": "ms", "shutdown": "ms", "cpu": "% ideal"}
+PAYLOAD = 1 << 20  # bytes sent with each task of the payload case
 
 
 class Adapter:
-    """One pool behind the same five operations."""
+    """One pool behind the same five operations.
+
+    ``map`` with ``chunksize=None`` calls the pool's map without a chunk size: its default.
+    """
 
     name = "?"
 
     def start(self) -> None: ...
     def submit_all(self, fn: Callable[..., Any], argss: list[tuple[Any, ...]]) -> list[Any]: ...
-    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int) -> list[Any]: ...
+    def map(self, fn: Callable[..., Any], items: list[Any], chunksize: int | None) -> list[Any]: ...
     def call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
     def stop(self) -> None: ...
 
@@ -72,6 +83,8 @@ class MPPoolAdapter(Adapter):
         return [r.get() for r in results]
 
     def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        if chunksize is None:
+            return self.pool.map(fn, items)
         return self.pool.map(fn, items, chunksize=chunksize)
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
@@ -97,6 +110,8 @@ class FuturesAdapter(Adapter):
         return [f.result() for f in futures]
 
     def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        if chunksize is None:
+            return list(self.pool.map(fn, items))
         return list(self.pool.map(fn, items, chunksize=chunksize))
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
@@ -119,6 +134,8 @@ class PebbleAdapter(Adapter):
         return [f.result() for f in futures]
 
     def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        if chunksize is None:
+            return list(self.pool.map(fn, items).result())
         return list(self.pool.map(fn, items, chunksize=chunksize).result())
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
@@ -143,6 +160,8 @@ class MpireAdapter(Adapter):
         return [r.get() for r in results]
 
     def map(self, fn, items, chunksize):  # type: ignore[no-untyped-def]
+        if chunksize is None:
+            return self.pool.map(fn, items, progress_bar=False)
         return self.pool.map(fn, items, chunk_size=chunksize, progress_bar=False)
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
@@ -214,6 +233,33 @@ def case_map(a: Adapter, n: int) -> dict[str, float]:
         a.stop()
 
 
+def case_map_auto(a: Adapter, n: int) -> dict[str, float]:
+    a.start()
+    try:
+        a.call(_tasks.noop)
+        t = time.perf_counter()
+        out = a.map(_tasks.noop_arg, list(range(n)), None)
+        elapsed = time.perf_counter() - t
+        assert list(out) == list(range(n))
+        return {"map_auto": n / elapsed}
+    finally:
+        a.stop()
+
+
+def case_payload(a: Adapter, n: int) -> dict[str, float]:
+    blob = os.urandom(PAYLOAD)
+    a.start()
+    try:
+        a.call(_tasks.noop)
+        t = time.perf_counter()
+        out = a.submit_all(_tasks.length, [(blob,)] * n)
+        elapsed = time.perf_counter() - t
+        assert out == [PAYLOAD] * n
+        return {"payload": n * PAYLOAD / (1 << 20) / elapsed}
+    finally:
+        a.stop()
+
+
 def case_roundtrip(a: Adapter, n: int) -> dict[str, float]:
     a.start()
     try:
@@ -259,6 +305,8 @@ def case_cpu(a: Adapter, n: int) -> dict[str, float]:
 CASES: dict[str, Callable[[Adapter, int], dict[str, float]]] = {
     "submit": case_submit,
     "map": case_map,
+    "map_auto": case_map_auto,
+    "payload": case_payload,
     "roundtrip": case_roundtrip,
     "start": case_start_shutdown,
     "cpu": case_cpu,
@@ -272,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated cases: " + ",".join(CASES))
     p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "executor.json"))
     args = p.parse_args(argv)
-    sizes = {"submit": 20_000, "map": 200_000, "roundtrip": 2_000, "start": 1, "cpu": 200}
+    sizes = {"submit": 20_000, "map": 200_000, "map_auto": 50_000, "payload": 200, "roundtrip": 2_000, "start": 1,
+             "cpu": 200}
     if args.quick:
-        sizes = {"submit": 2_000, "map": 20_000, "roundtrip": 200, "start": 1, "cpu": 20}
+        sizes = {"submit": 2_000, "map": 20_000, "map_auto": 5_000, "payload": 20, "roundtrip": 200, "start": 1,
+                 "cpu": 20}
     chosen = [c for c in (args.only.split(",") if args.only else CASES) if c]
     for c in chosen:
         if c not in CASES:
@@ -303,16 +353,17 @@ def main(argv: list[str] | None = None) -> int:
 def report(medians: dict[str, dict[str, float]]) -> None:
     names = list(medians)
     metrics = [m for m in HIGHER_IS_BETTER if any(m in medians[n] for n in names)]
-    width = max(12, *(len(n) for n in names))
-    print("\nmedians" + " " * (16 - 7) + "".join(f"{n:>{width}}" for n in names) + f"{'prefork/best peer':>20}")
+    width = max(12, *(len(n) for n in names)) + 1  # a space between the names, the longest too
+    labels = {m: f"{m} ({UNITS[m]})" for m in metrics}
+    lw = max([16, *(len(label) for label in labels.values())])
+    print("\n" + f"{'medians':<{lw}}" + "".join(f"{n:>{width}}" for n in names) + f"{'prefork/best peer':>20}")
     for m in metrics:
         row = [medians[n].get(m, float("nan")) for n in names]
         peers = [v for n, v in zip(names, row, strict=True) if n != "prefork" and v == v]
         best = (max(peers) if HIGHER_IS_BETTER[m] else min(peers)) if peers else float("nan")
         ours = medians["prefork"].get(m, float("nan"))
         ratio = (ours / best if HIGHER_IS_BETTER[m] else best / ours) if best == best and ours else float("nan")
-        label = f"{m} ({UNITS[m]})"
-        print(f"{label:<16}" + "".join(f"{v:>{width},.1f}" for v in row) + f"{ratio:>19.2f}x")
+        print(f"{labels[m]:<{lw}}" + "".join(f"{v:>{width},.1f}" for v in row) + f"{ratio:>19.2f}x")
     print("\nratio > 1: prefork is better than the best peer (for times and latencies: faster)")
 
 
