@@ -31,6 +31,13 @@ def burn(loops: int) -> int:
     return acc
 
 
+def burn_timed(loops: int) -> float:
+    """``burn(loops)``; returns the CPU time it took in this worker (seconds)."""
+    t = time.thread_time()
+    burn(loops)
+    return time.thread_time() - t
+
+
 def calibrate(seconds: float) -> int:
     """How many ``burn`` loops take ``seconds`` here (measured in this process)."""
     loops = 10_000

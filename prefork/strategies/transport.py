@@ -114,6 +114,18 @@ class _Spare:
         return memoryview(buf)[:size]
 
 
+class _Scratch:
+    """A channel's reusable receive buffer of ``read_size`` bytes.  ``recv(n)``
+    allocates ``n`` bytes per call: with the default 256 KiB that is an mmap and
+    its page faults, 20 us a read here against 3 us for ``recv_into`` this buffer."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, size: int) -> None:
+        # mmap, not bytearray(size): that would write (and fault in) every page at once
+        self.view = memoryview(mmap.mmap(-1, size))
+
+
 def _split(
     buf: bytearray, frames: list[Frame] | deque[Frame], spare: _Spare
 ) -> tuple[memoryview | None, int]:
@@ -145,12 +157,13 @@ def _split(
 
 
 class _PipeParent:
-    __slots__ = ("_big", "_eof", "_got", "_inbuf", "_max_frame", "_out", "_read_size", "_spare", "sock")
+    __slots__ = ("_big", "_eof", "_got", "_inbuf", "_max_frame", "_out", "_read_size", "_scratch", "_spare", "sock")
 
     def __init__(self, sock: socket.socket, read_size: int, max_frame: int) -> None:
         sock.setblocking(False)
         self.sock = sock
         self._inbuf = bytearray()
+        self._scratch = _Scratch(read_size)
         self._out: deque[bytes | bytearray | memoryview] = deque()
         self._read_size = read_size
         self._max_frame = max_frame
@@ -233,18 +246,19 @@ class _PipeParent:
                     self._big = None
                     break  # the spare is this frame's until the next read
                 continue
+            view = self._scratch.view
             try:
-                chunk = sock.recv(self._read_size)
+                n = sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionResetError:
-                chunk = b""
-            if not chunk:
+                n = 0
+            if not n:
                 self._eof = True
                 break
-            buf += chunk
+            buf += view[:n]
             self._big, self._got = _split(buf, frames, self._spare)
-            if len(chunk) < self._read_size and self._big is None:
+            if n < self._read_size and self._big is None:
                 break
         if self._eof and not frames:
             raise EOFError
@@ -256,12 +270,13 @@ class _PipeParent:
 
 
 class _PipeChild:
-    __slots__ = ("_big", "_buf", "_got", "_read_size", "_ready", "_spare", "sock")
+    __slots__ = ("_big", "_buf", "_got", "_read_size", "_ready", "_scratch", "_spare", "sock")
 
     def __init__(self, sock: socket.socket, read_size: int) -> None:
         sock.setblocking(True)
         self.sock = sock
         self._buf = bytearray()
+        self._scratch = _Scratch(read_size)
         self._read_size = read_size
         self._ready: deque[Frame] = deque()
         self._big: memoryview | None = None
@@ -304,15 +319,16 @@ class _PipeChild:
                 if len(buf) - _HSIZE >= size or size >= BIG_FRAME:
                     self._big, self._got = _split(buf, self._ready, self._spare)
                     continue
+            view = self._scratch.view
             try:
-                chunk = self.sock.recv(self._read_size)
+                n = self.sock.recv_into(view)
             except InterruptedError:
                 continue
             except ConnectionResetError:
                 return None
-            if not chunk:
+            if not n:
                 return None
-            buf += chunk
+            buf += view[:n]
 
     def _fill(self, big: memoryview, got: int) -> memoryview | None:
         """Receive the rest of a large frame straight into the spare buffer."""
