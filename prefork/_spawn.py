@@ -179,6 +179,7 @@ class ForkServer:
         self._ready: list[Event] = []
         self._here: DirectSpawner | None = None  # the workers the caller forked at start
         self._forking_here = False
+        self.draining = False
 
     def start(self, first: Callable[[], object] | None = None) -> None:
         """Fork the server.  ``first`` asks for the first workers: from the main
@@ -198,6 +199,13 @@ class ForkServer:
         self._start_server()
         if first is not None:
             first()
+
+    def drain(self) -> None:
+        """No more spawns: the server leaves as soon as its last worker has exited,
+        while the others are still stopping, so that ``stop`` finds it gone."""
+        if not self.draining:
+            self.draining = True
+            self._send(("drain",))
 
     def detach_here(self) -> DirectSpawner | None:
         """The workers forked in the caller, which outlive this server."""
@@ -351,7 +359,12 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
             sock.send(data)
 
     running = True
+    draining = False
     while running or children:
+        if draining and running and not children:
+            running = False  # drained: leave now
+            sel.unregister(sock)
+            continue
         for key, _ in sel.select(None if running else 0.05):
             if key.data is not None:  # a child's pidfd
                 pid = key.data
@@ -371,6 +384,9 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
                 msg = pickle.loads(data)
             if msg[0] == "spawn":
                 _, slot, serial = msg
+                if draining:
+                    send(("failed", slot, serial, "the fork server is draining"))
+                    continue
                 try:
                     pid, wsock = fork_worker(ctx, slot, serial)
                 except OSError as exc:
@@ -388,6 +404,8 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
                 _, pid, sig, group = msg
                 if pid in children:
                     _signal_group(pid, sig, group)
+            elif msg[0] == "drain":
+                draining = True
             elif msg[0] == "stop" and running:
                 running = False
                 sel.unregister(sock)

@@ -482,7 +482,17 @@ class Supervisor:
             self._on_spawner_event(event)
         self._sync_spawner_fds()
         if not self.spawner.alive() and not self._stopped:
+            if self._drained():
+                return  # it left, as asked, after its last worker
             self._fork_server_lost()
+
+    def _drained(self) -> bool:
+        """The fork server was asked to drain and none of its workers is left without
+        an exit status: its end of stream is the leaving it was asked for."""
+        spawner = self.spawner
+        if not isinstance(spawner, ForkServer) or not spawner.draining:
+            return False
+        return all(w.status is not None or (w.pid and spawner.forked_here(w.pid)) for w in self._workers.values())
 
     def _fork_server_lost(self) -> None:
         restart = not self._closing
@@ -1014,6 +1024,8 @@ class Supervisor:
                 self._release(w)  # its spawn is still in the fork server's hands
                 continue
             self._retire(w, "pool shut down")
+        if isinstance(self.spawner, ForkServer) and not self._force:
+            self.spawner.drain()  # it leaves with its last worker, not after the others
         if self._workers:
             return
         self._teardown()
