@@ -116,3 +116,18 @@ def test_forks_after_a_thread_took_a_lock_do_not_inherit_it() -> None:
         release.set()
         thread.join(10)
         ex.shutdown()
+
+
+def test_at_shutdown_the_fork_server_leaves_with_its_last_worker_and_that_is_no_loss(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ex = prefork.Executor(2)
+    ex.submit(int).result(10)
+    wait_until(lambda: ex.stats()["idle"] == 2, what="two idle workers")
+    server = ex._sup.spawner.pid
+    assert any(parent_of(pid) == server for pid in ex.pids())
+    with caplog.at_level("INFO", logger="prefork"):
+        ex.shutdown()
+    assert ex._sup.spawner.draining
+    assert reaped(server)
+    assert "fork server died" not in caplog.text
