@@ -304,6 +304,45 @@ def case_cpu(a: Adapter, n: int) -> dict[str, float]:
         a.stop()
 
 
+def socketpair_floor(n: int) -> float:
+    """p50 in µs of a one-byte round trip through a socketpair between this process
+    and a child, each pinned to its own core when there are two: the floor under
+    any pool's round trip on this machine, measured in the same run."""
+    import socket
+
+    a, b = socket.socketpair()
+    cpus = sorted(os.sched_getaffinity(0))
+    pid = os.fork()
+    if pid == 0:
+        a.close()
+        if len(cpus) > 1:
+            os.sched_setaffinity(0, {cpus[1]})
+        while True:
+            data = b.recv(64)
+            if not data:
+                os._exit(0)
+            b.send(data)
+    b.close()
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[0]})
+    try:
+        for _ in range(100):
+            a.send(b"x")
+            a.recv(64)
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter_ns()
+            a.send(b"x")
+            a.recv(64)
+            samples.append((time.perf_counter_ns() - t) / 1000)
+    finally:
+        a.close()
+        os.waitpid(pid, 0)
+        os.sched_setaffinity(0, set(cpus))
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
 CASES: dict[str, Callable[[Adapter, int], dict[str, float]]] = {
     "submit": case_submit,
     "map": case_map,
@@ -333,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown case {c!r}; cases: {', '.join(CASES)}")
     pools = adapters()
     runs: dict[str, dict[str, list[float]]] = {a.name: {} for a in pools}
+    floors: list[float] = []
     for r in range(args.rounds):
+        if "roundtrip" in chosen:
+            floors.append(socketpair_floor(sizes["roundtrip"]))
         order = pools[r % len(pools):] + pools[: r % len(pools)]
         for case in chosen:
             for a in order:
@@ -342,11 +384,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     medians = {name: {m: statistics.median(v) for m, v in metrics.items()} for name, metrics in runs.items()}
     report(medians)
+    floor = statistics.median(floors) if floors else None
+    if floor is not None:
+        print(f"socketpair round trip between two cores (the floor), p50: {floor:.1f} µs")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "workers": WORKERS, "rounds": args.rounds, "sizes": {c: sizes[c] for c in chosen},
         "cpus": os.cpu_count(), "python": sys.version.split()[0], "medians": medians, "runs": runs,
+        "floor_us": floor, "floor_runs": floors,
     }, indent=2))
     print(f"\nJSON: {out}")
     return 0

@@ -5,7 +5,8 @@
 
 Each writes its JSON to ``<results>/<name>.json`` (default benchmarks/results/)
 and what it printed to ``<results>/<name>.txt``; the output is shown as it
-comes.  A failing benchmark does not stop the others; the exit status is 1 if
+comes.  At the end ``tables.py`` writes the Markdown tables of the run to
+``<results>/tables.md`` (docs/performance.md copies them).  A failing benchmark does not stop the others; the exit status is 1 if
 any failed.
 """
 
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             failed.append(name)
             print(f"== {name} failed (exit status {rc})", flush=True)
+    tables = subprocess.run([sys.executable, str(HERE / "tables.py"), "--results", str(args.results)],
+                            capture_output=True, text=True)
+    (args.results / "tables.md").write_text(tables.stdout)
+    print(f"== Markdown tables: {args.results / 'tables.md'}")
     if failed:
         print(f"== failed: {', '.join(failed)}")
         return 1

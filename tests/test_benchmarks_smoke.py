@@ -31,6 +31,14 @@ def test_the_executor_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
         assert data["medians"][pool]["submit"] > 0
         assert 0 < data["medians"][pool]["roundtrip_p50"] <= data["medians"][pool]["roundtrip_p99"]
     assert "prefork/best peer" in run.stdout
+    assert data["floor_us"] > 0  # the socketpair floor, measured in the same run
+    tables = subprocess.run(
+        [sys.executable, "benchmarks/tables.py", "--results", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert tables.returncode == 0, tables.stderr
+    assert "| sequential round trip of a no-op task, p50 | µs |" in tables.stdout
+    assert "the socketpair floor" in tables.stdout
 
 
 @pytest.mark.timeout(120)

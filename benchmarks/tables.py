@@ -1,0 +1,147 @@
+"""The Markdown tables of one benchmark run, from its JSON files.
+
+    python benchmarks/tables.py                      # reads benchmarks/results/*.json
+    python benchmarks/tables.py --results /tmp/bench
+
+``run_all.py`` writes them to ``<results>/tables.md`` after the run, so the
+tables in docs/performance.md are copied from one run, not typed.  Each row
+gives prefork's median, the best peer's, their ratio (> 1: prefork is better)
+and the issue's target for that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+#: metric -> (what, unit, higher is better, the target)
+EXECUTOR_ROWS: dict[str, tuple[str, str, bool, str]] = {
+    "submit": ("20,000 no-op tasks submitted one by one", "tasks/s", True, "≥ 3x the best peer"),
+    "map": ("200,000 no-op tasks, bulk map, chunks of 2,500", "tasks/s", True, "≥ the best peer"),
+    "map_auto": ("50,000 no-op tasks, bulk map, default chunk size", "tasks/s", True, "≥ the best peer"),
+    "payload": ("200 tasks of 1 MiB in, length out", "MiB/s", True, "≥ 1.5x the best peer"),
+    "roundtrip_p50": ("sequential round trip of a no-op task, p50", "µs", False, "≤ 1.5x the socketpair floor"),
+    "roundtrip_p99": ("the same, p99", "µs", False, "< 2x the best peer's p50"),
+    "start": ("pool start to first result", "ms", False, "≤ the best peer"),
+    "shutdown": ("shutdown with idle workers", "ms", False, "≤ 5 ms"),
+    "cpu": ("200 CPU-bound tasks of 10 ms", "% of ideal", True, "≥ 98 %"),
+}
+
+
+def _num(value: float) -> str:
+    if value != value:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.1f}"
+
+
+def executor_table(data: dict[str, Any]) -> str:
+    medians: dict[str, dict[str, float]] = data["medians"]
+    lines = [
+        f"2 workers, {data['rounds']} rounds interleaved, medians; Python {data['python']}, {data['cpus']} CPUs.",
+        "",
+        "| case | unit | prefork | best peer | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for metric, (what, unit, higher, target) in EXECUTOR_ROWS.items():
+        if metric not in medians.get("prefork", {}):
+            continue
+        ours = medians["prefork"][metric]
+        peers = {name: m[metric] for name, m in medians.items() if name != "prefork" and metric in m}
+        if not peers:
+            continue
+        best_name = (max if higher else min)(peers, key=lambda n: peers[n])
+        best = peers[best_name]
+        ratio = ours / best if higher else best / ours
+        lines.append(
+            f"| {what} | {unit} | {_num(ours)} | {best_name}, {_num(best)} | {ratio:.2f}x | {target} |"
+        )
+    floor = data.get("floor_us")
+    if floor:
+        lines += ["", f"Cross-core socketpair round trip (the floor), measured in the same run: p50 {floor:.1f} µs."]
+    lines += ["", "Every pool, every case (medians):", "", executor_all(medians)]
+    return "\n".join(lines)
+
+
+def executor_all(medians: dict[str, dict[str, float]]) -> str:
+    names = list(medians)
+    lines = ["| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for metric, (_, unit, _, _) in EXECUTOR_ROWS.items():
+        if any(metric in medians[n] for n in names):
+            lines.append(f"| {metric} ({unit}) | " + " | ".join(_num(medians[n].get(metric, float("nan"))) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def memory_tables(data: dict[str, Any]) -> str:
+    lines = ["| pool | tasks | tasks/s | RSS baseline MiB | max | end | drift |", "|---|---|---|---|---|---|---|"]
+    for name, run in data["supervisor"]["pools"].items():
+        lines.append(
+            f"| {name} | {run['tasks']:,} | {run['tasks_per_s']:,.0f} | {run['baseline_mib']:.1f} | "
+            f"{run['max_mib']:.1f} | {run['end_mib']:.1f} | {run['drift_pct']:+.1f} % |"
+        )
+    lines += [
+        "",
+        f"Workers after fork, the parent having preloaded {data['fork']['mb']} MB (median over 2 workers, MiB; "
+        "USS after `gc.collect()` in the worker):",
+        "",
+        "| preloaded | pool | worker Rss | worker Pss | worker USS | USS of the pool's other processes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, pools in data["fork"]["variants"].items():
+        for name, m in pools.items():
+            lines.append(
+                f"| {variant} ({m['preload_mib']:.0f} MiB) | {name} | {m['worker_rss_mib']:.1f} | "
+                f"{m['worker_pss_mib']:.1f} | {m['worker_uss_mib']:.1f} | {m['other_uss_mib']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def mpm_table(data: dict[str, Any]) -> str:
+    servers = data["servers"]
+    base = servers["baseline"]["rps"]
+    lines = [
+        f"{data['config']['clients']} client processes x {data['config']['conns_per_client']} connections, "
+        f"one request per connection, {data['config']['rounds']} rounds of {data['config']['seconds']:.0f} s, medians.",
+        "",
+        "| server | requests/s | vs baseline | p50 µs | p99 µs | server CPU/request µs |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in servers.items():
+        lines.append(
+            f"| {name} ({s['description']}) | {s['rps']:,.0f} | {s['rps'] / base:.2f}x | {s['p50_us']:,.0f} | "
+            f"{s['p99_us']:,.0f} | {s['server_cpu_us_per_req']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def render(results: Path) -> str:
+    out: list[str] = []
+    for name, title, fn in (
+        ("executor", "Executor, beside the peers", executor_table),
+        ("memory", "Memory", memory_tables),
+        ("mpm", "MPM server, beside a hand-written fork + accept loop", mpm_table),
+    ):
+        path = results / f"{name}.json"
+        if path.exists():
+            out += [f"### {title}", "", fn(json.loads(path.read_text())), ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    text = render(args.results)
+    if not text:
+        print(f"no results in {args.results}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
