@@ -27,13 +27,16 @@ _OVER = (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED)
 
 
 class LightFuture(Future[Any]):
-    def __init__(self) -> None:  # deliberately not Future.__init__: see the module text
-        self._state = PENDING
-        self._result: Any = None
-        self._exception: BaseException | None = None
-        self._cond: threading.Condition | None = None
-        self._waiter_list: list[Any] | None = None
-        self._callback_list: list[Any] | None = None
+    # A new future's state lives in these class defaults until it is first set: the
+    # constructor is object's (deliberately not Future.__init__: see the module text),
+    # so making one sets no attribute at all.
+    _state = PENDING
+    _result: Any = None
+    _exception: BaseException | None = None
+    _cond: threading.Condition | None = None
+    _waiter_list: list[Any] | None = None
+    _callback_list: list[Any] | None = None
+    __init__ = object.__init__
 
     # -- made on first use; the standard future's methods reach them through these --
 

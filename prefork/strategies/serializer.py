@@ -71,11 +71,13 @@ class _PartsPickler:
     def dump(self, obj: Any) -> list[Part]:
         if not self._lock.acquire(blocking=False):
             return _fresh_parts(obj, self._make)
+        written = self._parts
         try:
             self._pickler.dump(obj)
-            parts = _owned(self._parts)
+            # the common case, one small part, without _owned's loop
+            parts: list[Part] = [written[0]] if len(written) == 1 and type(written[0]) is bytes else _owned(written)
         finally:
-            self._parts.clear()
+            written.clear()
             self._pickler.clear_memo()
             self._lock.release()
         return parts
@@ -102,6 +104,8 @@ def _join(parts: list[Part]) -> bytes:
 
 def _names_main(parts: list[Part]) -> bool:
     """Whether the pickle refers to ``__main__``; blobs (large parts) are data, not looked at."""
+    if len(parts) == 1:  # the common case, without a generator
+        return len(parts[0]) < 65536 and b"__main__" in parts[0]
     return any(b"__main__" in part for part in parts if len(part) < 65536)
 
 
