@@ -235,6 +235,8 @@ class Supervisor:
         self._force = False
         self._sleeping = False
         self._lock = threading.Lock()
+        self._step_lock = threading.Lock()  # held by the loop while it handles events
+        self._direct_ok = False  # may a submitting thread dispatch (set in start)
         self._thread: threading.Thread | None = None
         self._done_event = threading.Event()
         self._inline: Caller | None = None
@@ -274,6 +276,8 @@ class Supervisor:
             for event in self.spawner.take_ready():  # a worker forked here: watch its channel now
                 self._on_spawner_event(event)
         _live.add(self)
+        # Budgets (max_tasks_per_child) retire and fork from inside a dispatch: the loop's.
+        self._direct_ok = self.threaded and self._inline is None and not self.max_tasks
         if self.threaded:
             self._thread = threading.Thread(target=self._run, name=f"{self.config.name}-supervisor", daemon=True)
             self._thread.start()
@@ -375,9 +379,28 @@ class Supervisor:
         if not self._started:
             self.start()
         self.queue.append(task)
-        if self._sleeping:
+        if self._sleeping and not self._dispatch_here():
             self._wake()
         return handle
+
+    def _dispatch_here(self) -> bool:
+        """Dispatch from the submitting thread while the loop sleeps in ``select``:
+        the task reaches a worker without waking the loop's thread first (one
+        thread hop less per round trip).  True when the loop has nothing to do
+        about it; False (the caller wakes the loop) whenever anything beyond a
+        plain send happened or might be due: the loop owns everything else."""
+        if not self._direct_ok or not self._step_lock.acquire(blocking=False):
+            return False
+        try:
+            if not self._sleeping or self._closing or self._cancels:
+                return False
+            deadline = self._deadlines[0][0] if self._deadlines else math.inf
+            self._dispatch()
+            if self.queue:
+                return False  # no room: the loop dispatches when a worker frees up
+            return not self._deadlines or self._deadlines[0][0] >= deadline  # else its sleep is too long
+        finally:
+            self._step_lock.release()
 
     def cancel_running(self, task: Task) -> None:
         """Stop ``task`` if it is running (any thread): its worker is killed and replaced."""
@@ -420,6 +443,10 @@ class Supervisor:
             wait = 0.0
         events = self._sel.select(max(0.0, wait))
         self._sleeping = False
+        with self._step_lock:  # a submitting thread may be dispatching (_dispatch_here)
+            self._step_body(events)
+
+    def _step_body(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
         for key, mask in events:
             key.data(key.fd, mask)
         if self._cancels:

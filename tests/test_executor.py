@@ -621,3 +621,35 @@ def test_workers_keep_inherited_objects_out_of_the_cyclic_gc() -> None:
     with Executor(1) as ex:
         assert ex.submit(frozen_count).result(timeout=10) >= len(inherited)
     del inherited
+
+
+def test_many_threads_submitting_one_by_one_each_get_their_own_results() -> None:
+    # While the loop sleeps a submitting thread dispatches itself; threads race for that.
+    errors: list[BaseException] = []
+
+    def client(base: int) -> None:
+        try:
+            for i in range(300):
+                assert ex.submit(square, base + i).result(timeout=10) == (base + i) ** 2
+        except BaseException as exc:
+            errors.append(exc)
+
+    with Executor(2) as ex:
+        threads = [threading.Thread(target=client, args=(k * 1000,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors and not any(t.is_alive() for t in threads)
+        assert ex.stats()["in_flight"] == 0 and ex.stats()["queued"] == 0
+
+
+def test_a_timeout_of_a_task_sent_to_an_idle_pool_fires_on_time() -> None:
+    # The task reaches the worker from the submitting thread; the loop must still
+    # wake for its deadline rather than sleep its full second.
+    with Executor(1, overrides={"pool.kill_grace": 0.1}) as ex:
+        ex.submit(square, 1).result(timeout=10)
+        t0 = time.monotonic()
+        with pytest.raises(prefork.TaskTimeout):
+            ex.options(timeout=0.2).submit(time.sleep, 5).result(timeout=10)
+        assert time.monotonic() - t0 < 0.9
