@@ -226,9 +226,12 @@ class JsonSerializer:
 
     name: ClassVar[str] = "json"
     objects: ClassVar[bool] = False
+    allow_nan: bool = attrs.field(
+        default=True, metadata={"doc": "false: NaN and infinities are refused, as standard JSON (other languages) wants"}
+    )
 
     def dumps(self, obj: Any) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
+        return json.dumps(obj, separators=(",", ":"), allow_nan=self.allow_nan).encode()
 
     def loads(self, data: bytes) -> Any:
         return json.loads(data)

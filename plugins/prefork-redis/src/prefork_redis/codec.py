@@ -1,6 +1,8 @@
 """Codecs turn task arguments and results into bytes; a :class:`Signer` vouches for them.
 
-Two kinds of codec:
+A codec is one of prefork's serializer strategies, found by name in prefork's
+registry (built-ins and installed plugins), with the options messages that
+cross hosts need (:data:`NETWORK_OPTIONS`).  Two kinds:
 
 * **plain data**, ``json`` and ``msgpack``: decoding runs no code, so a
   message needs no signature to be decoded safely.
@@ -18,24 +20,21 @@ that route or qualify it); see :meth:`Signer.sign`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
-import json
 import os
-import pickle
-from typing import Any, ClassVar, Final, Protocol, final
+from typing import Any, Final, TypeAlias, final
 
+from prefork import Serializer
 from prefork_redis.errors import CodecError
 
 __all__ = [
-    "CODECS",
+    "NETWORK_OPTIONS",
     "SECRET_ENV",
-    "CloudpickleCodec",
     "Codec",
-    "JsonCodec",
-    "MsgpackCodec",
-    "PickleCodec",
     "Signer",
+    "codec_names",
     "get_codec",
     "require_signer",
 ]
@@ -47,101 +46,42 @@ MIN_SECRET_BYTES: Final = 16
 _FRAME_TAG: Final = b"prefork-redis/1"
 
 
-class Codec(Protocol):
-    """Turns values into bytes and back."""
-
-    #: The word written in the ``codec`` field of every message.
-    name: ClassVar[str]
-    #: True when :meth:`loads` can run code (pickle): such messages must be signed.
-    objects: ClassVar[bool]
-
-    def dumps(self, obj: Any) -> bytes: ...
-
-    def loads(self, data: bytes) -> Any: ...
+#: A codec is a prefork serializer: ``name``, ``objects`` (can decoding run code?),
+#: ``dumps`` and ``loads``.
+Codec: TypeAlias = Serializer
 
 
-@final
-class JsonCodec:
-    """Standard JSON (no NaN or infinity), UTF-8; tuples come back as lists, bytes are refused."""
-
-    __slots__ = ()
-    name: ClassVar[str] = "json"
-    objects: ClassVar[bool] = False
-
-    def dumps(self, obj: Any) -> bytes:
-        return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-    def loads(self, data: bytes) -> Any:
-        return json.loads(data)
+#: Options of prefork's serializers for messages that cross hosts: JSON stays
+#: standard (other languages read it), and cloudpickle sends every function by
+#: value (another host's ``__main__`` is not this one's).
+NETWORK_OPTIONS: Final[dict[str, dict[str, Any]]] = {"json": {"allow_nan": False}, "cloudpickle": {"always": True}}
 
 
-@final
-class MsgpackCodec:
-    """msgpack (the optional dependency ``prefork-redis[msgpack]``): bytes stay bytes, tuples become lists."""
+@functools.lru_cache(maxsize=1)
+def _registry() -> Any:
+    """prefork's strategy registry: its built-in serializers and those of installed
+    plugins (``msgpack`` comes with prefork-msgpack)."""
+    from prefork.plugins import build_plugin_manager, build_registry
 
-    __slots__ = ("_msgpack",)
-    name: ClassVar[str] = "msgpack"
-    objects: ClassVar[bool] = False
-
-    def __init__(self) -> None:
-        try:
-            import msgpack  # type: ignore[import-untyped]
-        except ImportError as exc:
-            raise CodecError("codec 'msgpack' needs the msgpack package: pip install 'prefork-redis[msgpack]'") from exc
-        self._msgpack: Any = msgpack
-
-    def dumps(self, obj: Any) -> bytes:
-        data: bytes = self._msgpack.packb(obj, use_bin_type=True)
-        return data
-
-    def loads(self, data: bytes) -> Any:
-        return self._msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return build_registry(build_plugin_manager())
 
 
-@final
-class PickleCodec:
-    """pickle at its highest protocol; only with an HMAC key."""
-
-    __slots__ = ()
-    name: ClassVar[str] = "pickle"
-    objects: ClassVar[bool] = True
-
-    def dumps(self, obj: Any) -> bytes:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
+def codec_names() -> list[str]:
+    """The names a message's ``codec`` field may hold: prefork's serializers."""
+    names: list[str] = _registry().names("serializer")
+    return names
 
 
-@final
-class CloudpickleCodec:
-    """cloudpickle (lambdas, closures, ``__main__`` functions by value); read back with pickle; only with an HMAC key."""
-
-    __slots__ = ()
-    name: ClassVar[str] = "cloudpickle"
-    objects: ClassVar[bool] = True
-
-    def dumps(self, obj: Any) -> bytes:
-        import cloudpickle  # type: ignore[import-untyped]
-
-        data: bytes = cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        return data
-
-    def loads(self, data: bytes) -> Any:
-        return pickle.loads(data)
-
-
-#: Every codec by name.
-CODECS: Final[dict[str, type[Codec]]] = {c.name: c for c in (JsonCodec, MsgpackCodec, PickleCodec, CloudpickleCodec)}
-
-
+@functools.cache
 def get_codec(name: str) -> Codec:
-    """The codec called ``name``; :class:`CodecError` names the known ones on a miss."""
-    try:
-        cls = CODECS[name]
-    except KeyError:
-        raise CodecError(f"unknown codec {name!r}; the codecs are {', '.join(map(repr, CODECS))}") from None
-    return cls()
+    """prefork's serializer called ``name``, with its network options;
+    :class:`CodecError` names the known ones on a miss."""
+    if name not in codec_names():
+        raise CodecError(
+            f"unknown codec {name!r}; the codecs are prefork's serializers: {', '.join(map(repr, codec_names()))}"
+        )
+    codec: Codec = _registry().create("serializer", name, NETWORK_OPTIONS.get(name, {}))
+    return codec
 
 
 @final
