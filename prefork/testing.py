@@ -81,12 +81,20 @@ def prefork_orphans(table: dict[int, tuple[int, str, str]] | None = None) -> set
     }
 
 
+def present_processes() -> set[int]:
+    """Our descendants and the prefork orphans now: what a test found when it began
+    (a server a session fixture started, say), which it cannot have leaked."""
+    table = _proc_table()
+    return descendants(os.getpid(), table) | prefork_orphans(table)
+
+
 def leaked_processes(before: set[int], deadline: float = 5.0) -> list[str]:
-    """Our descendants, and prefork orphans not in ``before``, still there after ``deadline`` s."""
+    """Our descendants and prefork orphans not in ``before`` (see
+    ``present_processes``), still there after ``deadline`` s."""
     end = time.monotonic() + deadline
     while True:
         table = _proc_table()
-        leaks = sorted(descendants(os.getpid(), table) | (prefork_orphans(table) - before))
+        leaks = sorted((descendants(os.getpid(), table) | prefork_orphans(table)) - before)
         if not leaks or time.monotonic() > end:
             return [f"{pid} ppid={table[pid][0]} state={table[pid][1]} {table[pid][2]!r}" for pid in leaks if pid in table]
         time.sleep(0.02)
@@ -155,7 +163,7 @@ def prefork_subreaper() -> Iterator[None]:
 @pytest.fixture
 def prefork_no_leaks() -> Iterator[None]:
     """Fail the test if it leaves a child process or a prefork orphan behind."""
-    before = prefork_orphans()
+    before = present_processes()
     yield
     leaks = leaked_processes(before)
     assert not leaks, "processes left behind (live or zombie):\n" + "\n".join(leaks)

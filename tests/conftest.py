@@ -7,14 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from prefork.testing import leaked_processes, prefork_orphans
+from prefork.testing import leaked_processes, present_processes
 
 os.environ.setdefault("PREFORK_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 
 @pytest.fixture(autouse=True)
 def _no_leaked_processes() -> Iterator[None]:
-    before = prefork_orphans()
+    before = present_processes()
     yield
     leaks = leaked_processes(before)
     assert not leaks, "processes left behind (live or zombie):\n" + "\n".join(leaks)
