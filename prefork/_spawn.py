@@ -8,12 +8,12 @@ ForkServer
     reports each exit status.  Workers never inherit the caller's threads or
     whatever locks those threads held after the pool started.
 
-    The first workers, when the pool starts from the main thread, are forked
-    by the caller itself, at the same moment and so with the same safety as the
-    fork server, which is forked right after them: they boot while it starts
-    instead of waiting for it (a fork and a boot less before the first result).
-    Their parent death signal belongs to the main thread, which lives as long as
-    the process.  The supervisor watches and reaps them as ``Direct`` does.
+    The first worker, when the pool starts from the main thread, is forked by
+    the caller itself, at the same moment and so with the same safety as the
+    fork server, which is forked right after it: it boots while the server
+    starts instead of waiting for it (a fork and a boot less before the first
+    result).  Its parent death signal belongs to the main thread, which lives as
+    long as the process.  The supervisor watches and reaps it as ``Direct`` does.
 Direct
     The supervisor's process forks.  Needed when the child must continue the
     caller's own code (MPM's ``kid_new``); forking from a process with threads
@@ -177,8 +177,9 @@ class ForkServer:
         self._pidfd = -1
         self._dead = False
         self._ready: list[Event] = []
-        self._here: DirectSpawner | None = None  # the workers the caller forked at start
+        self._here: DirectSpawner | None = None  # the worker the caller forked at start
         self._forking_here = False
+        self._deferred: list[tuple[Any, ...]] = []  # spawn requests made before the server was up
         self.draining = False
 
     def start(self, first: Callable[[], object] | None = None) -> None:
@@ -187,7 +188,6 @@ class ForkServer:
         if first is not None and threading.current_thread() is threading.main_thread():
             self._here = self._here or DirectSpawner(self.ctx)
             self._forking_here = True
-            self._deferred: list[tuple[Any, ...]] = []
             try:
                 first()
             finally:
@@ -195,6 +195,7 @@ class ForkServer:
             self._start_server()
             for msg in self._deferred:
                 self._send(msg)
+            self._deferred.clear()
             return
         self._start_server()
         if first is not None:
@@ -244,7 +245,8 @@ class ForkServer:
         if self._forking_here:
             # One worker is forked here: each fork costs this process a page fault for
             # every page it writes next (~10 us each here), so the rest go to the server.
-            if not self._deferred and self._here is not None and not self._here.fds():
+            assert self._here is not None
+            if not self._deferred and not self._here.fds():  # none forked here yet
                 self._here.spawn(slot, serial)
             else:
                 self._deferred.append(("spawn", slot, serial))
