@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import subprocess
 import sys
 
@@ -25,11 +26,20 @@ def test_entry_point_in_the_prefork_group() -> None:
     assert ep.load() is prefork_redis
 
 
-def test_prefork_loads_it_and_it_registers_no_strategy_yet() -> None:
+def test_prefork_loads_it_and_it_registers_the_redis_transport() -> None:
     pm = build_plugin_manager(autoload=True)
     assert pm.get_plugin("redis") is prefork_redis
     registry = build_registry(pm)
-    assert not any(entry.plugin == "redis" for entry in registry)
+    assert [(entry.kind, entry.name) for entry in registry if entry.plugin == "redis"] == [("transport", "redis")]
+    assert registry.get("transport", "redis") is prefork_redis.RedisTransport
+
+
+def test_a_bad_transport_option_is_a_config_error_naming_it() -> None:
+    from prefork.config import load_config
+    from prefork.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("transport.url = 'http://x': must be a redis://")):
+        load_config(None, {"transport.name": "redis", "transport.url": "http://x"})
 
 
 def test_importing_the_plugin_does_not_import_redis() -> None:

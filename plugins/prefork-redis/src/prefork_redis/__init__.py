@@ -8,9 +8,11 @@ and :mod:`prefork_redis.broker`); :mod:`prefork_redis.codec` holds the codecs
 and the HMAC signing that makes ``pickle`` safe to accept.
 
 This module is installed as the ``redis`` plugin of the ``prefork``
-entry-point group.  It has no hook implementations yet: the ``redis``
-transport strategy comes with the supervisor integration.  prefork imports
-it whenever it builds a plugin manager, so it imports nothing heavy: the
+entry-point group: it registers the ``redis`` transport strategy
+(:mod:`prefork_redis.transport`).  :func:`serve` runs a stream's tasks in a
+prefork pool (``app = "prefork_redis:serve"`` for ``prefork run``);
+:class:`Client` submits to the hosts from anywhere.  prefork imports this
+module whenever it builds a plugin manager, so it imports nothing heavy: the
 broker (and redis-py, ~120 ms) are imported on first use of a name below.
 """
 
@@ -19,11 +21,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from prefork import hookimpl
+
 if TYPE_CHECKING:
     from prefork_redis.broker import Broker
+    from prefork_redis.client import Client, DeadLettered, RemoteError
     from prefork_redis.codec import Signer, get_codec
     from prefork_redis.errors import BadSignature, BrokerError, CodecError, GroupMissing, ServerTooOld
     from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task
+    from prefork_redis.serve import serve
+    from prefork_redis.transport import RedisTransport
 
 __all__ = [
     "DEAD",
@@ -33,18 +40,28 @@ __all__ = [
     "BadSignature",
     "Broker",
     "BrokerError",
+    "Client",
     "CodecError",
+    "DeadLettered",
     "GroupMissing",
     "Keys",
+    "RedisTransport",
+    "RemoteError",
     "Result",
     "ServerTooOld",
     "Signer",
     "Task",
     "get_codec",
+    "serve",
 ]
 
 _HOME = {
     "Broker": "prefork_redis.broker",
+    "Client": "prefork_redis.client",
+    "DeadLettered": "prefork_redis.client",
+    "RemoteError": "prefork_redis.client",
+    "serve": "prefork_redis.serve",
+    "RedisTransport": "prefork_redis.transport",
     "DEAD": "prefork_redis.records",
     "ERROR": "prefork_redis.records",
     "OK": "prefork_redis.records",
@@ -70,3 +87,10 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+@hookimpl
+def prefork_register_strategies(registry: Any) -> None:
+    from prefork_redis.transport import RedisTransport
+
+    registry.register("transport", RedisTransport)

@@ -1,0 +1,160 @@
+"""A prefork pool serving a Redis stream, and a client submitting to it: real processes, real Redis."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from prefork_redis import Client, DeadLettered, RemoteError, serve
+from prefork_redis.errors import BrokerError
+
+import prefork
+from prefork.testing import wait_until
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture
+def url(redis_port: int) -> str:
+    return f"redis://127.0.0.1:{redis_port}/0"
+
+
+def _pool(url: str, app: str, **transport: Any) -> prefork.Executor:
+    overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
+                 "transport.stream": app, "transport.lease_ms": 900, "transport.block_ms": 200}  # fmt: skip
+    overrides.update({f"transport.{k}": v for k, v in transport.items()})
+    return prefork.Executor(2, overrides=overrides)
+
+
+@pytest.fixture
+def host(url: str, app: str) -> Iterator[Callable[..., prefork.Executor]]:
+    """``host(**transport options)``: a pool serving the test's stream in a thread, stopped after the test."""
+    running: list[tuple[prefork.Executor, threading.Event, threading.Thread]] = []
+
+    def start(**transport: Any) -> prefork.Executor:
+        pool = _pool(url, app, **transport)
+        stop = threading.Event()
+        thread = threading.Thread(target=serve, args=(pool, stop), daemon=True)
+        thread.start()
+        running.append((pool, stop, thread))
+        return pool
+
+    yield start
+    for pool, stop, thread in running:
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive()
+        pool.shutdown()
+
+
+def _empty(client: Any, app: str) -> bool:
+    tasks = f"pf:{{{app}}}:tasks"
+    return client.xlen(tasks) == 0 and client.xpending(tasks, "workers")["pending"] == 0
+
+
+def test_tasks_from_a_client_run_in_the_pool_and_each_answer_comes_back_once(
+    host: Any, url: str, app: str, client: Any
+) -> None:
+    host()
+    with Client(url, app) as hosts:
+        futures = [hosts.submit("operator:mul", i, 3) for i in range(40)]
+        assert [f.result(timeout=20) for f in futures] == [i * 3 for i in range(40)]
+        assert list(hosts.map("operator:add", [1, 2], [10, 20])) == [11, 22]
+        assert hosts.submit(os.path.join, "a", "b").result(timeout=20) == "a/b"  # a function goes by name
+    wait_until(lambda: _empty(client, app), what="the stream and the pending list to empty")
+
+
+def test_an_exception_on_a_host_reaches_the_client_with_its_type_and_traceback(host: Any, url: str, app: str) -> None:
+    host()
+    with Client(url, app) as hosts, pytest.raises(RemoteError) as info:
+        hosts.submit("math:sqrt", -1).result(timeout=20)
+    assert info.value.type_name == "ValueError"
+    assert "math domain error" in info.value.message and "Traceback" in info.value.remote_traceback
+
+
+def test_a_malformed_task_is_answered_with_an_error_saying_what_was_wrong(host: Any, url: str, app: str) -> None:
+    host()
+    with Client(url, app) as hosts:
+        hosts._futures["raw-1"] = future = Future()  # waits for the answer to a task sent by hand
+        hosts.broker.submit("raw-1", 42, hosts.client_id)  # not {"method": ..., ...}
+        with pytest.raises(RemoteError, match=re.escape('a task is {"method"')):
+            future.result(timeout=20)
+
+
+def test_a_task_that_kills_its_worker_is_retried_then_dead_lettered(
+    host: Any, url: str, app: str, client: Any
+) -> None:
+    pool = host(max_deliveries=2)
+    with Client(url, app) as hosts:
+        doomed = hosts.submit("os:_exit", 3)
+        fine = hosts.submit("operator:add", 1, 1)
+        assert fine.result(timeout=20) == 2
+        with pytest.raises(DeadLettered):
+            doomed.result(timeout=30)
+    assert client.xlen(f"pf:{{{app}}}:dead") == 1
+    wait_until(lambda: _empty(client, app), what="the stream and the pending list to empty")
+    wait_until(lambda: pool.stats()["idle"] == 2, what="the pool healed")
+
+
+def test_a_second_host_takes_the_tasks_of_a_host_that_stopped_renewing(
+    host: Any, url: str, app: str, client: Any, tmp_path: Path
+) -> None:
+    # host A fetches a task, then is frozen (SIGSTOP on the whole process, as a hung
+    # machine): after the lease host B runs it; A's late result is fenced off.
+    script = tmp_path / "host_a.py"
+    script.write_text(
+        "import sys, threading\n"
+        "import prefork\n"
+        "from prefork_redis import serve\n"
+        "pool = prefork.Executor(1, overrides={'plugins': ['prefork_redis'], 'transport.name': 'redis',\n"
+        f"    'transport.url': {url!r}, 'transport.stream': {app!r}, 'transport.lease_ms': 600,\n"
+        "    'transport.block_ms': 100})\n"
+        "print('up', flush=True)\n"
+        "serve(pool)\n"
+    )
+    a = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert a.stdout is not None and a.stdout.readline().strip() == "up"
+        with Client(url, app) as hosts:
+            slow = hosts.submit("time:sleep", 1.5)
+            holder = wait_until(lambda: _holder(client, app), timeout=10, what="host A to take the task")
+            assert f":{a.pid}:" in holder  # host:pid:nonce
+            os.kill(a.pid, signal.SIGSTOP)
+            host(lease_ms=600)  # host B
+            assert slow.result(timeout=20) is None  # run by B after A's lease ran out
+            os.kill(a.pid, signal.SIGCONT)
+            again = hosts.submit("operator:add", 2, 2)
+            assert again.result(timeout=20) == 4
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.terminate()
+        a.wait(20)
+    wait_until(lambda: _empty(client, app), what="the stream and the pending list to empty")
+
+
+def _holder(client: Any, app: str) -> str:
+    try:
+        pending = client.xpending_range(f"pf:{{{app}}}:tasks", "workers", "-", "+", 10)
+    except redis.ResponseError:  # no group yet: host A is still starting
+        return ""
+    return pending[0]["consumer"].decode() if pending else ""
+
+
+def test_serve_needs_the_redis_transport() -> None:
+    with prefork.Executor(1) as pool, pytest.raises(BrokerError, match='needs \\[transport\\] name = "redis"'):
+        serve(pool)
+
+
+def test_a_function_of_main_cannot_travel_by_name(url: str, app: str) -> None:
+    with Client(url, app) as hosts, pytest.raises(TypeError, match="cannot travel by name"):
+        hosts.submit(lambda x: x, 1)
