@@ -158,3 +158,60 @@ def test_serve_needs_the_redis_transport() -> None:
 def test_a_function_of_main_cannot_travel_by_name(url: str, app: str) -> None:
     with Client(url, app) as hosts, pytest.raises(TypeError, match="cannot travel by name"):
         hosts.submit(lambda x: x, 1)
+
+
+def _host_config(tmp_path: Path, name: str, url: str, app: str) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'name = "{name}"\n'
+        'app = "prefork_redis:serve"\n'
+        'plugins = ["prefork_redis"]\n'
+        "[scaling]\nname = \"fixed\"\nworkers = 2\n"
+        f'[transport]\nname = "redis"\nurl = "{url}"\nstream = "{app}"\nlease_ms = 800\nblock_ms = 200\n'
+        "max_deliveries = 2\n"
+    )
+    return path
+
+
+def test_two_hosts_by_prefork_run_one_killed_mid_task_every_task_answered_once(
+    url: str, app: str, client: Any, tmp_path: Path, prefork_no_leaks: None
+) -> None:
+    hosts_ = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "prefork", "run", "--config", str(_host_config(tmp_path, name, url, app))],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("host-a", "host-b")
+    }  # fmt: skip
+    try:
+        with Client(url, app) as hosts:
+            slow = [hosts.submit("time:sleep", 0.4) for _ in range(8)]
+            quick = [hosts.submit("operator:mul", i, i) for i in range(40)]
+            doomed = hosts.submit("os:_exit", 1)  # kills every worker that runs it
+            # wait until host A holds a task, then kill it as the OOM killer would
+            a = hosts_["host-a"]
+            wait_until(lambda: any(f":{a.pid}:" in c for c in _holders(client, app)), timeout=10, what="host A busy")
+            a.kill()
+            assert [f.result(timeout=30) for f in slow] == [None] * 8  # A's were taken by B after the lease
+            assert [f.result(timeout=30) for f in quick] == [i * i for i in range(40)]
+            with pytest.raises(DeadLettered):
+                doomed.result(timeout=30)
+        wait_until(lambda: _empty(client, app), timeout=10, what="the stream and the pending list to empty")
+        b = hosts_["host-b"]
+        b.send_signal(signal.SIGTERM)  # `prefork run` stops cleanly: 128 + SIGTERM
+        assert b.wait(20) == 128 + signal.SIGTERM, b.stderr.read() if b.stderr else ""
+    finally:
+        for proc in hosts_.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(20)
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def _holders(client: Any, app: str) -> list[str]:
+    try:
+        pending = client.xpending_range(f"pf:{{{app}}}:tasks", "workers", "-", "+", 100)
+    except redis.ResponseError:
+        return []
+    return [p["consumer"].decode() for p in pending]
