@@ -118,12 +118,25 @@ def mpm_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def redis_table(data: dict[str, Any]) -> str:
+    lines = [
+        f"Each supervisor a `prefork run` process with 1 worker; {data['tasks']:,} no-op tasks at once, "
+        f"{data['trips']:,} sequential round trips; {data['rounds']} rounds, medians.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {key} | {_num(value)} |" for key, value in data["medians"].items()]
+    return "\n".join(lines)
+
+
 def render(results: Path) -> str:
     out: list[str] = []
     for name, title, fn in (
         ("executor", "Executor, beside the peers", executor_table),
         ("memory", "Memory", memory_tables),
         ("mpm", "MPM server, beside a hand-written fork + accept loop", mpm_table),
+        ("redis", "Through Redis (prefork-redis)", redis_table),
     ):
         path = results / f"{name}.json"
         if path.exists():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,22 @@ def test_the_fork_memory_case_reads_every_pool(tmp_path: Path) -> None:
     assert variants["objects"]["prefork"]["entries"] > 0
     for word in ("USS gc", "objects", *POOLS):
         assert word in run.stdout
+
+
+def test_the_redis_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("redis-server") is None or importlib.util.find_spec("prefork_redis") is None:
+        if os.environ.get("CI"):
+            pytest.fail("bench_redis needs redis-server and prefork-redis, which CI installs")
+        pytest.skip("bench_redis needs redis-server and prefork-redis (pip install ./plugins/prefork-redis)")
+    out = tmp_path / "redis.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_redis.py", "--quick", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    medians = json.loads(out.read_text())["medians"]
+    assert medians["tasks/s, 1 supervisor(s)"] > 0 and medians["tasks/s, 2 supervisor(s)"] > 0
+    assert 0 < medians["latency p50 ms"] <= medians["latency p99 ms"]
+    assert "through Redis" in run.stdout

@@ -70,6 +70,7 @@ class _Server:
         self.running: dict[str, tuple[Any, Future[Any]]] = {}  # entry id -> (task, future)
         self._lock = threading.Lock()
         self._done: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._freed = threading.Event()  # a running task ended: the fetch loop may fetch again
         self._completer = threading.Thread(target=self._complete_loop, name="prefork-redis-complete", daemon=True)
         self._completer.start()
 
@@ -83,12 +84,13 @@ class _Server:
             if now >= next_tick:
                 self._tick()
                 next_tick = now + every
+            self._freed.clear()
             free = self._free()
             if free:
                 wait = max(1, min(self.block_ms, int((next_tick - time.monotonic()) * 1000)))
                 self._start(self.broker.fetch(free, block_ms=wait))
-            else:
-                stop.wait(max(0.0, min(0.05, next_tick - time.monotonic())))
+            else:  # every worker busy: wait until one is free (or the next tick)
+                self._freed.wait(max(0.0, min(0.2, next_tick - time.monotonic())))  # 0.2: notice stop
 
     def _free(self) -> int:
         with self._lock:
@@ -139,6 +141,7 @@ class _Server:
                 self._answer(task, fut)
             except Exception:
                 log.exception("answering task %s failed", task.task_id)
+            self._freed.set()
 
     def _answer(self, task: Any, fut: Future[Any]) -> None:
         try:
