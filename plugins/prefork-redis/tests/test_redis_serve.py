@@ -122,7 +122,9 @@ def test_a_second_host_takes_the_tasks_of_a_host_that_stopped_renewing(
         "print('up', flush=True)\n"
         "serve(pool)\n"
     )
-    a = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    log = tmp_path / "host_a.log"
+    with log.open("w") as err:
+        a = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
     try:
         assert a.stdout is not None and a.stdout.readline().strip() == "up"
         with Client(url, app) as hosts:
@@ -132,13 +134,19 @@ def test_a_second_host_takes_the_tasks_of_a_host_that_stopped_renewing(
             os.kill(a.pid, signal.SIGSTOP)
             host(lease_ms=600)  # host B
             assert slow.result(timeout=20) is None  # run by B after A's lease ran out
+            assert slow.task_id  # the id every host sees
             os.kill(a.pid, signal.SIGCONT)
+            # thawed, A learns it lost the lease (by renewing, or by its fenced completion)
+            wait_until(lambda: "lease was lost" in log.read_text() or "lost the lease" in log.read_text(),
+                       timeout=10, what="host A to notice its lost lease")  # fmt: skip
             again = hosts.submit("operator:add", 2, 2)
             assert again.result(timeout=20) == 4
     finally:
         os.kill(a.pid, signal.SIGCONT)
         a.terminate()
         a.wait(20)
+        if a.stdout is not None:
+            a.stdout.close()
     wait_until(lambda: _empty(client, app), what="the stream and the pending list to empty")
 
 

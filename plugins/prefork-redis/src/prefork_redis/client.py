@@ -65,6 +65,7 @@ class Client(Executor):
             method = _name_of(fn)
         task_id = uuid.uuid4().hex
         future: Future[Any] = Future()
+        future.task_id = task_id  # type: ignore[attr-defined]  # the id the hosts see, for idempotent effects
         with self._lock:
             self._futures[task_id] = future
         try:

@@ -159,7 +159,8 @@ class _Server:
             self._finish(task, ERROR, _error(exc))
             return
         try:
-            self.broker.complete(task, value)
+            if not self.broker.complete(task, value):
+                log.warning("the result of task %s was discarded: its lease was lost to another host", task.task_id)
         except (TypeError, ValueError, OverflowError) as exc:  # the codec cannot carry the result
             error = TypeError(f"the result of task {task.task_id!r} cannot be encoded with {task.codec!r}: {exc}")
             self._finish(task, ERROR, _error(error))
