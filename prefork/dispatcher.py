@@ -199,24 +199,7 @@ class Dispatcher:
     def new_request(self, request: dict[str, Any]) -> int:
         """Queue a request; returns its id.  The request dict is handed back to the
         callback with ``elapsed`` added."""
-        if not isinstance(request, dict):
-            raise TypeError(f"new_request: a request is a dict, not {type(request).__name__}")
-        unknown = set(request) - _REQUEST_KEYS - {"elapsed"}
-        if unknown:
-            raise ValueError(f"new_request: unknown key(s) {sorted(unknown)}; a request has {sorted(_REQUEST_KEYS)}")
-        method = request.get("method")
-        if method is None:
-            method = request.get("method_name")
-            if not isinstance(method, str) or not method:
-                raise ValueError("new_request: the request needs a 'method' (callable) or a 'method_name' (string)")
-        elif not callable(method):
-            raise TypeError(f"new_request: 'method' must be callable, not {type(method).__name__}")
-        params = request.get("params", [])
-        if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
-            raise TypeError(f"new_request: 'params' must be a list, not {type(params).__name__}")
-        callback = request.get("upon_result")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"new_request: 'upon_result' must be callable, not {type(callback).__name__}")
+        method, params, _ = parse_request(request)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -296,6 +279,31 @@ def _log_failure(future: Any) -> None:
 
 def _describe(method: Any) -> str:
     return method if isinstance(method, str) else getattr(method, "__qualname__", repr(method))
+
+
+def parse_request(request: Any) -> tuple[Any, Sequence[Any], Callable[..., Any] | None]:
+    """``(method, params, upon_result)`` of a request, checked as ``new_request``
+    checks it (and as every other front of the dispatcher profile must), with
+    errors that say what is wrong; the method is the callable or the name."""
+    if not isinstance(request, dict):
+        raise TypeError(f"new_request: a request is a dict, not {type(request).__name__}")
+    unknown = set(request) - _REQUEST_KEYS - {"elapsed"}
+    if unknown:
+        raise ValueError(f"new_request: unknown key(s) {sorted(unknown)}; a request has {sorted(_REQUEST_KEYS)}")
+    method = request.get("method")
+    if method is None:
+        method = request.get("method_name")
+        if not isinstance(method, str) or not method:
+            raise ValueError("new_request: the request needs a 'method' (callable) or a 'method_name' (string)")
+    elif not callable(method):
+        raise TypeError(f"new_request: 'method' must be callable, not {type(method).__name__}")
+    params = request.get("params", [])
+    if isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
+        raise TypeError(f"new_request: 'params' must be a list, not {type(params).__name__}")
+    callback = request.get("upon_result")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"new_request: 'upon_result' must be callable, not {type(callback).__name__}")
+    return method, params, callback
 
 
 def _error_text(exc: BaseException) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from prefork_redis import Client, DeadLettered, RemoteError, serve
+from prefork_redis import Client, DeadLettered, DispatcherClient, RemoteError, serve
 from prefork_redis.errors import BrokerError
 
 import prefork
@@ -223,3 +223,33 @@ def _holders(client: Any, app: str) -> list[str]:
     except redis.ResponseError:
         return []
     return [p["consumer"].decode() for p in pending]
+
+
+def add_from(sender: Any, a: int, b: int) -> list[Any]:
+    """A dispatcher-profile method: called as method(from, *params)."""
+    return [sender, a + b]
+
+
+def test_dispatcher_requests_through_redis_get_the_dispatcher_callbacks(url: str, app: str) -> None:
+    overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
+                 "transport.stream": app, "transport.block_ms": 200, "resolver.name": "methods",
+                 "resolver.methods": {"add": f"{__name__}:add_from"}}  # fmt: skip
+    stop = threading.Event()
+    with prefork.Executor(2, overrides=overrides) as pool:
+        server = threading.Thread(target=serve, args=(pool, stop), daemon=True)
+        server.start()
+        try:
+            got: list[tuple[dict[str, Any], Any]] = []
+            with DispatcherClient(url, app, upon_result=lambda req, resp: got.append((req, resp))) as dispatcher:
+                dispatcher.new_request({"method_name": "add", "params": [1, 2], "from": "me"})
+                dispatcher.new_request({"method_name": "nope", "params": []})
+                with pytest.raises(ValueError, match="needs a 'method'"):
+                    dispatcher.new_request({"params": [1]})  # checked as Dispatcher.new_request checks it
+                wait_until(lambda: len(got) == 2, timeout=20, what="both responses")
+            by_method = {req["method_name"]: (req, resp) for req, resp in got}
+            req, resp = by_method["add"]
+            assert resp == ["me", 3] and req["elapsed"] > 0
+            assert "error" in by_method["nope"][1] and "nope" in by_method["nope"][1]["error"]
+        finally:
+            stop.set()
+            server.join(10)

@@ -25,7 +25,7 @@ from prefork import hookimpl
 
 if TYPE_CHECKING:
     from prefork_redis.broker import Broker
-    from prefork_redis.client import Client, DeadLettered, RemoteError
+    from prefork_redis.client import Client, DeadLettered, DispatcherClient, RemoteError
     from prefork_redis.codec import Signer, get_codec
     from prefork_redis.errors import BadSignature, BrokerError, CodecError, GroupMissing, ServerTooOld
     from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task
@@ -43,6 +43,7 @@ __all__ = [
     "Client",
     "CodecError",
     "DeadLettered",
+    "DispatcherClient",
     "GroupMissing",
     "Keys",
     "RedisTransport",
@@ -59,6 +60,7 @@ _HOME = {
     "Broker": "prefork_redis.broker",
     "Client": "prefork_redis.client",
     "DeadLettered": "prefork_redis.client",
+    "DispatcherClient": "prefork_redis.client",
     "RemoteError": "prefork_redis.client",
     "serve": "prefork_redis.serve",
     "RedisTransport": "prefork_redis.transport",

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -28,7 +29,7 @@ from prefork_redis.broker import Broker
 from prefork_redis.errors import BadSignature, BrokerError
 from prefork_redis.records import DEAD, ERROR, OK, REJECTED
 
-__all__ = ["Client", "DeadLettered", "RemoteError"]
+__all__ = ["Client", "DeadLettered", "DispatcherClient", "RemoteError"]
 
 
 class RemoteError(BrokerError):
@@ -143,3 +144,61 @@ def _name_of(fn: Callable[..., Any]) -> str:
             "can import, or use a pickle codec (with a secret)"
         )
     return f"{module}:{qualname}"
+
+
+class DispatcherClient:
+    """The dispatcher profile's ``new_request``, with the hosts behind a Redis stream.
+
+    A request is what :meth:`prefork.Dispatcher.new_request` takes (checked by
+    the same function): ``method_name`` (a name the hosts' resolver knows) or
+    ``method``, ``params``, ``from`` and ``upon_result``.  As with a local
+    dispatcher the method is called as ``method(from, *params)`` and the
+    callback gets ``(request, response)`` with ``request["elapsed"]`` set; a
+    failure is ``{"error": "Type: message"}``.  Callbacks run in the client's
+    result thread.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        app: str,
+        *,
+        upon_result: Callable[[dict[str, Any], Any], Any] | None = None,
+        codec: str = "json",
+        secret: str | bytes | None = None,
+    ) -> None:
+        self.client = Client(url, app, codec=codec, secret=secret)
+        self._upon_result = upon_result
+
+    def new_request(self, request: dict[str, Any]) -> str:
+        """Queue a request on the stream; returns its task id."""
+        from prefork.dispatcher import parse_request
+
+        method, params, callback = parse_request(request)
+        callback = callback or self._upon_result
+        start = time.monotonic()
+        future = self.client.submit(method, request.get("from"), *params)
+
+        def done(fut: Future[Any]) -> None:
+            request["elapsed"] = time.monotonic() - start
+            try:
+                response = fut.result()
+            except RemoteError as exc:
+                response = {"error": f"{exc.type_name}: {exc.message}"}
+            except BaseException as exc:
+                response = {"error": f"{type(exc).__name__}: {exc}"}
+            if callback is not None:
+                callback(request, response)
+
+        future.add_done_callback(done)
+        task_id: str = future.task_id  # type: ignore[attr-defined]
+        return task_id
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.client.shutdown(wait)
+
+    def __enter__(self) -> DispatcherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
