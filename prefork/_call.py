@@ -97,17 +97,7 @@ class Caller:
         self._after = hook.prefork_after_call if hook.prefork_after_call.get_hookimpls() else None
 
     def resolve(self, method: Any) -> Callable[..., Any]:
-        if callable(method):
-            return method  # type: ignore[no-any-return]
-        if not isinstance(method, str):
-            raise MethodNotFound(f"a task's method must be a callable or a name, not {type(method).__name__}")
-        fn = self._cache.get(method)
-        if fn is None:
-            fn = self.resolver.resolve(method)
-            if fn is None:
-                raise MethodNotFound(f"no method named {method!r} (resolver {self.resolver.name!r})")
-            self._cache[method] = fn
-        return fn
+        return resolve_method(self.resolver, method, self._cache)
 
     def call(self, tid: int, payload: Any) -> tuple[Any, ...]:
         """Run one task; returns its result record as (header, payload)."""
@@ -151,6 +141,21 @@ class Caller:
 
 def _record(tid: int, status: int, t0: float, t1: float, payload: bytes) -> tuple[bytes, ...]:
     return _frames.result_header(tid, status, t0, t1, len(payload)), payload
+
+
+def resolve_method(resolver: MethodResolver, method: Any, cache: dict[str, Callable[..., Any]]) -> Callable[..., Any]:
+    """``method`` if callable, else what ``resolver`` finds for the name (remembered in ``cache``)."""
+    if callable(method):
+        return method  # type: ignore[no-any-return]
+    if not isinstance(method, str):
+        raise MethodNotFound(f"a task's method must be a callable or a name, not {type(method).__name__}")
+    fn = cache.get(method)
+    if fn is None:
+        fn = resolver.resolve(method)
+        if fn is None:
+            raise MethodNotFound(f"no method named {method!r} (resolver {resolver.name!r})")
+        cache[method] = fn
+    return fn
 
 
 def dump_parts(serializer: Serializer) -> Callable[[Any], list[Any]]:

@@ -26,7 +26,7 @@ from typing import Any, Final, NoReturn
 import attrs
 
 from prefork import _frames, _scoreboard
-from prefork._call import Caller
+from prefork._call import Caller, resolve_method
 from prefork._proctitle import set_title
 from prefork._task import WorkerInfo
 from prefork.strategies.resolver import MethodResolver
@@ -80,7 +80,7 @@ class WorkerHandle:
     self-feeding workers (the MPM profile), whose body finds its own work.
     """
 
-    __slots__ = ("_base", "_budget", "_channel", "_ctx", "_rss_base", "_words", "info", "leaving", "requests")
+    __slots__ = ("_base", "_budget", "_channel", "_ctx", "_resolved", "_rss_base", "_words", "info", "leaving", "requests")
 
     def __init__(self, ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> None:
         self.info = info
@@ -94,6 +94,14 @@ class WorkerHandle:
         self._rss_base = 0
         #: set when the worker should leave at its next idle(), e.g. by a SIGTERM while busy
         self.leaving = ""
+        self._resolved: dict[str, Callable[..., Any]] = {}
+
+    def resolve(self, method: Any) -> Callable[..., Any]:
+        """What the pool calls for ``method`` in this worker: ``method`` itself when
+        callable, else what the pool's resolver finds for the name
+        (:class:`prefork.MethodNotFound` if nothing).  For code that calls a task's
+        method on the pool's behalf, such as a plugin wrapping it."""
+        return resolve_method(self._ctx.resolver, method, self._resolved)
 
     def yell(self, data: Any) -> None:
         """Send ``data`` to the supervisor now; its ``prefork_child_data`` hooks receive it.

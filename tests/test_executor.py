@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, as_completed, wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -653,3 +654,17 @@ def test_a_timeout_of_a_task_sent_to_an_idle_pool_fires_on_time() -> None:
         with pytest.raises(prefork.TaskTimeout):
             ex.options(timeout=0.2).submit(time.sleep, 5).result(timeout=10)
         assert time.monotonic() - t0 < 0.9
+
+
+def resolve_in_worker(name: str, *args: Any) -> Any:
+    worker = prefork.current_worker()
+    assert worker is not None
+    return worker.resolve(name)(*args)
+
+
+def test_code_in_a_worker_resolves_names_as_the_pool_does() -> None:
+    with Executor(1, overrides={"resolver.name": "chain", "resolver.methods": {"twice": "operator:mul"}}) as ex:
+        assert ex.submit(resolve_in_worker, "twice", 2, 21).result(timeout=10) == 42
+        assert ex.submit(resolve_in_worker, "math:sqrt", 16).result(timeout=10) == 4.0
+        with pytest.raises(prefork.MethodNotFound, match="no method named 'nope'"):
+            ex.submit(resolve_in_worker, "nope").result(timeout=10)

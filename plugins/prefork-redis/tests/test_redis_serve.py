@@ -253,3 +253,19 @@ def test_dispatcher_requests_through_redis_get_the_dispatcher_callbacks(url: str
         finally:
             stop.set()
             server.join(10)
+
+
+def whoami() -> str | None:
+    import prefork_redis
+
+    return prefork_redis.task_id()
+
+
+def test_user_code_on_a_host_reads_its_task_id(host: Any, url: str, app: str) -> None:
+    host()
+    with Client(url, app) as hosts:
+        futures = [hosts.submit(f"{__name__}:whoami") for _ in range(5)]
+        assert [f.result(timeout=20) for f in futures] == [f.task_id for f in futures]
+    from prefork_redis import task_id
+
+    assert task_id() is None  # outside a task

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from prefork_redis.codec import Signer, get_codec
     from prefork_redis.errors import BadSignature, BrokerError, CodecError, GroupMissing, ServerTooOld
     from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task
-    from prefork_redis.serve import serve
+    from prefork_redis.serve import serve, task_id
     from prefork_redis.transport import RedisTransport
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "Task",
     "get_codec",
     "serve",
+    "task_id",
 ]
 
 _HOME = {
@@ -63,6 +64,7 @@ _HOME = {
     "DispatcherClient": "prefork_redis.client",
     "RemoteError": "prefork_redis.client",
     "serve": "prefork_redis.serve",
+    "task_id": "prefork_redis.serve",
     "RedisTransport": "prefork_redis.transport",
     "DEAD": "prefork_redis.records",
     "ERROR": "prefork_redis.records",

@@ -28,14 +28,47 @@ import traceback
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-from prefork import WorkerLost
+from prefork import WorkerLost, current_worker
 from prefork_redis.errors import BrokerError
 from prefork_redis.records import ERROR
 from prefork_redis.transport import RedisTransport
 
-__all__ = ["serve"]
+__all__ = ["serve", "task_id"]
 
 log = logging.getLogger("prefork.redis")
+
+_current: str | None = None  # in a worker: the id of the Redis task it runs
+
+
+def task_id() -> str | None:
+    """In a worker, the id of the Redis task being run (the client's
+    ``future.task_id``): the key for side effects that must happen once, since
+    a task may run again on another host.  None outside such a task."""
+    return _current
+
+
+class _WithTaskId:
+    """A task's method, called in the worker with its task id readable through
+    :func:`task_id`; a name is resolved by the pool's resolver, as for any task."""
+
+    __slots__ = ("method", "task_id")
+
+    def __init__(self, task_id: str, method: Any) -> None:
+        self.task_id = task_id
+        self.method = method
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_WithTaskId, (self.task_id, self.method))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        global _current
+        worker = current_worker()
+        fn = worker.resolve(self.method) if worker is not None else self.method
+        _current = self.task_id
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _current = None
 
 
 def serve(pool: Any, stop: threading.Event | None = None) -> int:
@@ -68,6 +101,8 @@ class _Server:
         self.broker = broker
         self.block_ms = block_ms
         self.running: dict[str, tuple[Any, Future[Any]]] = {}  # entry id -> (task, future)
+        # a pool whose serializer carries objects gets each method wrapped with its task id
+        self._wrap = bool(pool.config.create("serializer").objects)
         self._lock = threading.Lock()
         self._done: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
         self._freed = threading.Event()  # a running task ended: the fetch loop may fetch again
@@ -120,7 +155,8 @@ class _Server:
             except Exception as exc:
                 self._finish(task, ERROR, _error(exc))
                 continue
-            future = self.pool.submit(method, *args, **kwargs)
+            call = _WithTaskId(task.task_id, method) if self._wrap else method
+            future = self.pool.submit(call, *args, **kwargs)
             with self._lock:
                 self.running[task.entry_id] = (task, future)
             future.add_done_callback(lambda fut, task=task: self._done.put((task, fut)))
