@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -200,7 +201,10 @@ def test_two_hosts_by_prefork_run_one_killed_mid_task_every_task_answered_once(
             a = hosts_["host-a"]
             wait_until(lambda: any(f":{a.pid}:" in c for c in _holders(client, app)), timeout=10, what="host A busy")
             a.kill()
+            killed = time.monotonic()
             assert [f.result(timeout=30) for f in slow] == [None] * 8  # A's were taken by B after the lease
+            # the lease (0.8 s), B's next reap (lease / 3) and B's two workers running what was left
+            assert time.monotonic() - killed < 0.8 + 0.3 + 8 * 0.4 / 2 + 3.0
             assert [f.result(timeout=30) for f in quick] == [i * i for i in range(40)]
             with pytest.raises(DeadLettered):
                 doomed.result(timeout=30)
@@ -269,3 +273,21 @@ def test_user_code_on_a_host_reads_its_task_id(host: Any, url: str, app: str) ->
     from prefork_redis import task_id
 
     assert task_id() is None  # outside a task
+
+
+def test_signed_pickles_between_client_and_host_with_the_secret_in_the_config(url: str, app: str) -> None:
+    secret = "a secret of at least sixteen bytes"
+    overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
+                 "transport.stream": app, "transport.block_ms": 200, "transport.codec": "cloudpickle",
+                 "transport.secret": secret}  # fmt: skip
+    stop = threading.Event()
+    with prefork.Executor(1, overrides=overrides) as pool:
+        server = threading.Thread(target=serve, args=(pool, stop), daemon=True)
+        server.start()
+        try:
+            with Client(url, app, codec="cloudpickle", secret=secret) as hosts:
+                offset = 7
+                assert hosts.submit(lambda x: x + offset, 1).result(timeout=20) == 8  # a closure travels
+        finally:
+            stop.set()
+            server.join(10)

@@ -57,11 +57,16 @@ class RedisTransport(PipeTransport):
     block_ms: int = attrs.field(
         default=2_000, validator=_positive, metadata={"doc": "longest wait for new tasks in one fetch"}
     )
+    secret: str = attrs.field(
+        default="", repr=False,
+        metadata={"doc": "HMAC key signing every message (needed for pickle codecs); empty: $PREFORK_REDIS_SECRET"},
+    )  # fmt: skip
 
     def broker(self) -> Broker:
-        """A new broker (one consumer) for these options; the secret comes from the environment."""
+        """A new broker (one consumer) for these options."""
         from prefork_redis.broker import Broker
 
         return Broker.from_url(
-            self.url, self.stream, codec=self.codec, lease_ms=self.lease_ms, max_deliveries=self.max_deliveries
-        )
+            self.url, self.stream, codec=self.codec, lease_ms=self.lease_ms, max_deliveries=self.max_deliveries,
+            secret=self.secret or None,
+        )  # fmt: skip
