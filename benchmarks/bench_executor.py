@@ -219,31 +219,26 @@ def case_submit(a: Adapter, n: int) -> dict[str, float]:
         a.stop()
 
 
-def case_map(a: Adapter, n: int) -> dict[str, float]:
+def _timed_map(a: Adapter, n: int, chunksize: int | None) -> float:
+    """tasks/s of one bulk map of ``n`` no-op tasks (``chunksize=None``: the pool's default)."""
     a.start()
     try:
         a.call(_tasks.noop)
-        chunksize = max(1, n // (WORKERS * 40))
         t = time.perf_counter()
         out = a.map(_tasks.noop_arg, list(range(n)), chunksize)
         elapsed = time.perf_counter() - t
         assert list(out) == list(range(n))
-        return {"map": n / elapsed}
+        return n / elapsed
     finally:
         a.stop()
+
+
+def case_map(a: Adapter, n: int) -> dict[str, float]:
+    return {"map": _timed_map(a, n, max(1, n // (WORKERS * 40)))}
 
 
 def case_map_auto(a: Adapter, n: int) -> dict[str, float]:
-    a.start()
-    try:
-        a.call(_tasks.noop)
-        t = time.perf_counter()
-        out = a.map(_tasks.noop_arg, list(range(n)), None)
-        elapsed = time.perf_counter() - t
-        assert list(out) == list(range(n))
-        return {"map_auto": n / elapsed}
-    finally:
-        a.stop()
+    return {"map_auto": _timed_map(a, n, None)}
 
 
 def case_payload(a: Adapter, n: int) -> dict[str, float]:

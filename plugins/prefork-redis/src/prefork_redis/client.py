@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from prefork.errors import RemoteTaskError
 from prefork_redis.broker import Broker
 from prefork_redis.errors import BadSignature, BrokerError
 from prefork_redis.records import DEAD, ERROR, OK, REJECTED
@@ -32,14 +33,9 @@ from prefork_redis.records import DEAD, ERROR, OK, REJECTED
 __all__ = ["Client", "DeadLettered", "DispatcherClient", "RemoteError"]
 
 
-class RemoteError(BrokerError):
-    """A task raised on a host: ``type_name``, ``message`` and the host's ``remote_traceback``."""
-
-    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
-        super().__init__(f"{type_name}: {message}")
-        self.type_name = type_name
-        self.message = message
-        self.remote_traceback = remote_traceback
+class RemoteError(RemoteTaskError, BrokerError):
+    """A task raised on a host: ``type_name``, ``message`` and the host's
+    ``remote_traceback``, as :class:`prefork.RemoteTaskError` carries them."""
 
 
 class DeadLettered(BrokerError):
