@@ -10,7 +10,7 @@ from typing import Any
 
 from prefork import _frames
 from prefork._task import WorkerInfo
-from prefork.errors import MethodNotFound, RemoteTaskError
+from prefork.errors import MethodNotFound, RemoteTaskError, error_text
 from prefork.strategies.resolver import MethodResolver
 from prefork.strategies.serializer import Serializer
 
@@ -33,7 +33,7 @@ def encode_error(serializer: Serializer, exc: BaseException, tb_text: str) -> by
             data = serializer.dumps((exc, tb_text))
             serializer.loads(data)  # an exception that cannot be rebuilt must not reach the caller
             return data
-        except Exception:
+        except BaseException:  # whatever its __reduce__ raises, even SystemExit
             remote = RemoteTaskError(_qualname(type(exc)), _safe_str(exc), tb_text)
             return serializer.dumps((remote, tb_text))
     return serializer.dumps([_qualname(type(exc)), _safe_str(exc), tb_text])
@@ -51,7 +51,7 @@ def buffer_loads(serializer: Serializer) -> Callable[[Any], Any]:
 def decode_error(serializer: Serializer, data: Any) -> BaseException:
     try:
         obj = buffer_loads(serializer)(data)
-    except Exception as exc:
+    except BaseException as exc:
         return RemoteTaskError(type(exc).__name__, f"the task's error could not be decoded: {exc}", "")
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], BaseException):
         error: BaseException = obj[0]
@@ -74,9 +74,16 @@ def _qualname(cls: type) -> str:
 
 def _safe_str(exc: BaseException) -> str:
     try:
-        return str(exc)
-    except Exception:
+        return error_text(exc)
+    except BaseException:
         return f"<unprintable {type(exc).__name__}>"
+
+
+def _type_name(value: Any) -> str:
+    try:
+        return type(value).__name__
+    except BaseException:
+        return "?"
 
 
 def _format_tb(exc: BaseException) -> str:
@@ -126,9 +133,9 @@ class Caller:
             return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))
         try:
             parts = self._dump_parts(value)
-        except Exception as exc:
-            err = TypeError(f"the task's result ({type(value).__name__}) could not be serialized with {ser.name!r}: {exc}")
-            return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, err, _format_tb(exc)))
+        except BaseException as exc:  # the serializer's own error (PicklingError, even SystemExit), with a note
+            exc.add_note(f"prefork: the task's result ({_type_name(value)}) could not be serialized with {ser.name!r}")
+            return _record(tid, _frames.ERROR, t0, t1, encode_error(ser, exc, _format_tb(exc)))
         size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
         if size > _frames.MAX_PAYLOAD:
             too_big = ValueError(f"the task's result is {size} bytes serialized, more than the {_frames.MAX_PAYLOAD} "

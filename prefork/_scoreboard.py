@@ -4,6 +4,12 @@ Made before any fork, so the supervisor, the fork server and every worker see
 the same memory.  A worker writes its state and the id of the task it starts
 before calling user code; that costs no system call, and tells the supervisor,
 after a crash, whether the task had started.
+
+Beside the words, each slot has a result area: the worker builds its RESULTS
+frame there (quick results wait a little to travel together) and sends it
+from there.  The area is shared, so results a worker computed but had not yet
+sent when it died are still there for the supervisor to read: a crash in a
+batch of quick tasks fails only the task that was running.
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ STARTED: Final = 3  #: monotonic_ns when that task started
 DONE: Final = 4  #: tasks finished by this worker
 SINCE: Final = 5  #: monotonic_ns of the last state change
 STACKFD: Final = 6  #: the worker's fd (in its own table) where faulthandler dumps its stack
+BUFFERED: Final = 7  #: bytes of result records waiting in the slot's result area (not yet sent)
 WORDS: Final = 8
+
+#: bytes of a slot's result area: its RESULTS kind byte, then records; a record that does not
+#: fit is sent on its own (after what is buffered), never held
+AREA: Final = 128 * 1024
 
 
 class Scoreboard:
@@ -36,6 +47,24 @@ class Scoreboard:
         self.slots = slots
         self._map = mmap.mmap(-1, max(mmap.PAGESIZE, slots * WORDS * 8), flags=mmap.MAP_SHARED)
         self.words = memoryview(self._map).cast("q")
+        # Untouched pages of an anonymous map cost nothing: a slot's area is only as
+        # large in memory as the biggest batch its workers buffered.
+        self._areas = mmap.mmap(-1, slots * AREA, flags=mmap.MAP_SHARED)
+        self.areas = memoryview(self._areas)
+
+    def area(self, slot: int) -> memoryview:
+        """The slot's result area (see the module text)."""
+        return self.areas[slot * AREA : (slot + 1) * AREA]
+
+    def buffered(self, slot: int) -> bytes:
+        """The RESULTS frame a worker of ``slot`` had built and not sent (``b""``: none).
+
+        Read after the worker died: what it wrote is all there."""
+        n = self.words[slot * WORDS + BUFFERED]
+        if n <= 0 or n > AREA - 1:
+            return b""
+        start = slot * AREA
+        return bytes(self.areas[start : start + 1 + n])
 
     def reset(self, slot: int, pid: int = 0) -> None:
         base = slot * WORDS
@@ -47,6 +76,7 @@ class Scoreboard:
         w[base + DONE] = 0
         w[base + SINCE] = time.monotonic_ns()
         w[base + STACKFD] = -1
+        w[base + BUFFERED] = 0
 
     def set_state(self, slot: int, state: int) -> None:
         base = slot * WORDS
@@ -67,3 +97,5 @@ class Scoreboard:
     def close(self) -> None:
         self.words.release()
         self._map.close()
+        self.areas.release()
+        self._areas.close()

@@ -32,6 +32,7 @@ import os
 import random
 import selectors
 import signal
+import struct
 import threading
 import time
 import weakref
@@ -62,19 +63,38 @@ LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
 FRAME_BYTES: Final = 256 * 1024  #: a CALLS frame stops growing past this size (one large call may exceed it)
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
+_DRAIN_READS: Final = 1024  #: reads of a dead worker's channel at most (a live grandchild may keep writing)
 
 _NO_KWARGS: Final[dict[str, Any]] = {}  #: shared by calls without keyword arguments; never mutated
 
 _live: weakref.WeakSet[Supervisor] = weakref.WeakSet()
+KILL_WAIT: Final = 2.0  #: seconds a stop that a Ctrl-C turned into a kill waits for the teardown
 
 
 @atexit.register
 def _shutdown_all() -> None:
-    for sup in list(_live):
-        try:
-            sup.shutdown(wait=True)
-        except Exception:
-            pass
+    """At exit, stop the pools still running, waiting for their tasks as the
+    standard library's pools do; a pool being killed gets ``KILL_WAIT`` at most.
+    A Ctrl-C while waiting kills every pool left (bounded waits), then exits."""
+    pools = list(_live)
+    try:
+        for sup in pools:
+            try:
+                if sup._force:
+                    sup.join(KILL_WAIT)  # killed already (a second Ctrl-C): do not wait for it again
+                else:
+                    sup.shutdown(wait=True)
+            except Exception:
+                pass
+    except KeyboardInterrupt:
+        for sup in pools:
+            try:
+                sup.shutdown(wait=False, force=True)
+            except Exception:
+                pass
+        end = time.monotonic() + KILL_WAIT
+        for sup in pools:
+            sup.join(max(0.0, end - time.monotonic()))
 
 
 class PoolShutDown(PreforkError, RuntimeError):
@@ -92,6 +112,7 @@ class _Worker:
         "info",
         "kill_at",
         "lost",
+        "lost_reason",
         "pid",
         "reason",
         "serial",
@@ -120,6 +141,7 @@ class _Worker:
         self.kill_at = math.inf  # SIGKILL escalation time
         self.stop_sent = False
         self.lost = False  # its fork server died: no exit status will come
+        self.lost_reason = ""  # its channel broke: why
         self.stack_wait = 0.0  # a stack dump was asked for; give up waiting at this time
         self.stack_seen = 0
         self.reason = ""  # why it is leaving, when we know
@@ -287,14 +309,32 @@ class Supervisor:
             while not self._stopped:
                 self.step()
         except BaseException as exc:
-            log.critical("prefork supervisor loop failed", exc_info=True)
-            self._fail_everything(PoolBroken(f"the supervisor loop failed: {exc!r}"))
+            self._loop_failed(exc)
+
+    def _loop_failed(self, exc: BaseException) -> None:
+        """The loop died (a bug, or a strategy that raised): the pool is broken at once,
+        every task not yet answered fails with the cause, and ``submit`` raises it."""
+        log.critical("prefork supervisor loop failed", exc_info=exc)
+        broken = PoolBroken(f"the supervisor loop failed: {exc!r}")
+        broken.__cause__ = exc
+        with self._lock:
+            self._broken = broken
+            self._closing = True
+        for w in list(self._workers.values()):
+            for task in w.inflight:
+                self._tasks.setdefault(task.id, task)
+        try:
+            self._fail_everything(broken)
+        finally:
             self._teardown()
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False, force: bool = False) -> None:
         """Stop taking tasks; finish (or cancel) the queue; stop every worker.
 
-        ``force`` kills the workers at once and fails the tasks they held.
+        ``force`` kills the workers at once and fails the tasks they held.  A
+        ``KeyboardInterrupt`` while waiting (a second Ctrl-C, say) makes it a
+        forced stop: the workers are killed, the teardown gets ``KILL_WAIT``
+        seconds at most, and the interrupt is raised again.
         """
         with self._lock:
             if self._stopped and not wait:
@@ -310,13 +350,25 @@ class Supervisor:
             self._teardown()
             return
         self._wake()
-        if wait:
+        if not wait:
+            return
+        try:
             if self._thread is not None:
                 if self._thread is not threading.current_thread():
                     self._thread.join()
             else:
                 while not self._stopped:
                     self.step()
+        except KeyboardInterrupt:
+            self.shutdown(wait=False, force=True)  # interrupted: kill, do not wait for the running tasks
+            if self._thread is not None:
+                if self._thread is not threading.current_thread():
+                    self._thread.join(KILL_WAIT)
+            else:
+                end = time.monotonic() + KILL_WAIT
+                while not self._stopped and time.monotonic() < end:
+                    self.step(max(0.0, end - time.monotonic()))
+            raise
 
     def _cancel_queued(self) -> None:
         while self.queue:
@@ -357,16 +409,16 @@ class Supervisor:
         handle = self.sink.attach(task)
         try:
             parts = self._dump_parts((method, args, kwargs))
-        except Exception as exc:
-            where = find_unserializable(method, self.serializer.dumps, "method")
-            where = where or find_unserializable(args, self.serializer.dumps, "args")
-            where = where or find_unserializable(kwargs, self.serializer.dumps, "kwargs")
+        except BaseException as exc:  # the pickler's own error, kept (PicklingError, TypeError...), with a note
+            try:
+                where = find_unserializable(method, self.serializer.dumps, "method")
+                where = where or find_unserializable(args, self.serializer.dumps, "args")
+                where = where or find_unserializable(kwargs, self.serializer.dumps, "kwargs")
+            except BaseException:
+                where = ""
             at = f" (at {where})" if where else ""
-            err = TypeError(
-                f"task {task.id}: its method or arguments cannot be serialized with {self.serializer.name!r}{at}: {exc}"
-            )
-            err.__cause__ = exc
-            self._finish(task, False, err)
+            exc.add_note(f"prefork: task {task.id}: its method or arguments cannot be serialized with {self.serializer.name!r}{at}")
+            self._finish(task, False, exc)
             return handle
         task.payload = payload = parts[0] if len(parts) == 1 else parts
         size = len(payload) if len(parts) == 1 else _frames.payload_size(payload)
@@ -378,10 +430,23 @@ class Supervisor:
             return handle
         if not self._started:
             self.start()
-        self.queue.append(task)
+        if not self._enqueue(task):
+            error: PreforkError = self._broken or PoolShutDown("cannot schedule new tasks after shutdown")
+            self._finish(task, False, error)
+            raise error
         if self._sleeping and not self._dispatch_here():
             self._wake()
         return handle
+
+    def _enqueue(self, task: Task) -> bool:
+        """Queue ``task`` unless the pool is closing (False).  ``shutdown()`` sets
+        ``_closing`` under the same lock: a task is queued before it, or refused,
+        never queued after the queue's last look."""
+        with self._lock:
+            if self._closing:
+                return False
+            self.queue.append(task)
+            return True
 
     def _dispatch_here(self) -> bool:
         """Dispatch from the submitting thread while the loop sleeps in ``select``:
@@ -594,10 +659,12 @@ class Supervisor:
             if w is None:
                 return
             w.status = status
-            if not w.eof and w.channel is not None:
-                self._read_channel(w)  # every result written before the exit
-            if w.eof or w.channel is None:
-                self._judge(w)
+            # Everything it wrote is in its socket now: read it, then judge without waiting
+            # for end of stream, which a process it forked (a daemon) may hold off forever.
+            reads = 0
+            while not w.eof and w.channel is not None and self._read_channel(w) and reads < _DRAIN_READS:
+                reads += 1
+            self._judge(w)
 
     # -- worker channels ------------------------------------------------------------
 
@@ -614,18 +681,26 @@ class Supervisor:
             if w.eof and w.status is not None:
                 self._judge(w)
 
-    def _read_channel(self, w: _Worker) -> None:
+    def _read_channel(self, w: _Worker) -> int:
+        """Handle the frames ``w`` sent that arrived; returns how many there were."""
         try:
             frames = w.channel.read()
         except EOFError:
             self._on_eof(w)
-            return
+            return 0
+        except Exception as exc:  # not frames: something else wrote into its socket
+            self._on_broken_channel(w, exc)
+            return 0
         if frames:
             self.events += 1
         for frame in frames:
             kind = frame[0]
             if kind == _frames.RESULTS:
-                self._on_results(w, frame)
+                try:
+                    self._on_results(w, frame)
+                except struct.error as exc:
+                    self._on_broken_channel(w, exc)
+                    return 0
             elif kind == _frames.READY:
                 w.state = READY
                 w.idle_since = time.monotonic()
@@ -640,12 +715,26 @@ class Supervisor:
                 else:  # a task worker asks to be recycled: STOP follows what it holds
                     self._retire(w, reason, replace=True)
             elif kind == _frames.DATA:
-                payload, code = _frames.decode_data(frame)
                 try:
+                    payload, code = _frames.decode_data(frame)
                     data = self._loads(payload)
-                except Exception as exc:
-                    data = exc
-                self.hook.prefork_child_data(worker=w.info, data=data, exitcode=code)
+                except BaseException as exc:  # user data: what it raises is what the hook gets
+                    data, code = exc, None
+                try:
+                    self.hook.prefork_child_data(worker=w.info, data=data, exitcode=code)
+                except BaseException:
+                    log.exception("a prefork_child_data hook failed")
+        return len(frames)
+
+    def _on_broken_channel(self, w: _Worker, exc: BaseException) -> None:
+        """``w``'s channel carries bytes that are not frames (its task wrote into the
+        socket, say): that worker alone is lost.  It is killed; its running task fails."""
+        if not w.lost_reason:
+            w.lost_reason = f"its channel broke ({exc}); did its task write to the worker's socket?"
+            self._log(logging.ERROR, f"worker {w.pid}: {w.lost_reason} Killing it.")
+        w.boot_error = w.boot_error or (w.lost_reason if w.state == BOOTING else "")
+        self._on_eof(w)
+        self._retire(w, w.lost_reason, kill=True)
 
     def _on_eof(self, w: _Worker) -> None:
         if w.eof:
@@ -662,21 +751,18 @@ class Supervisor:
             # the exit status follows; a worker that closed its channel but lives on is killed
             w.kill_at = min(w.kill_at, time.monotonic() + EOF_GRACE)
 
-    def _on_results(self, w: _Worker, frame: bytes) -> None:
+    def _on_results(self, w: _Worker, frame: Any) -> None:
         tasks = self._tasks
         inflight = w.inflight
         loads = self._loads
         for tid, status, t0, t1, payload in _frames.decode_results(frame):
-            task = tasks.pop(tid, None)
+            task = tasks.get(tid)
             if task is None:
                 continue  # a late result of a task already answered (timed out)
             if inflight and inflight[0] is task:
-                inflight.popleft()
-            else:
-                try:
-                    inflight.remove(task)
-                except ValueError:
-                    pass
+                pass
+            elif task not in inflight:
+                continue  # not a task of this worker: a stray record is nobody's outcome
             task.started_at = t0
             task.finished_at = t1
             avg = self._avg_task
@@ -684,14 +770,26 @@ class Supervisor:
             if status == _frames.OK:
                 try:
                     value = loads(payload)
-                except Exception as exc:
-                    self._finish(task, False, TypeError(f"the task's result could not be decoded with {self.serializer.name!r}: {exc!r}"))
+                except BaseException as exc:  # user data: whatever it raises is this task's outcome
+                    exc.add_note(f"prefork: the result of task {tid} could not be decoded with {self.serializer.name!r}")
+                    self._settle(w, task, False, exc)
                     continue
-                self._finish(task, True, value)
+                self._settle(w, task, True, value)
             else:
-                self._finish(task, False, decode_error(self.serializer, payload))
+                self._settle(w, task, False, decode_error(self.serializer, payload))
         if not inflight:
             w.idle_since = time.monotonic()
+
+    def _settle(self, w: _Worker, task: Task, ok: bool, value: Any) -> None:
+        """``task``, held by ``w``, has its outcome: deliver it, then forget the task
+        (in that order: if delivering fails, the task is still on the books)."""
+        self._finish(task, ok, value)
+        del self._tasks[task.id]
+        inflight = w.inflight
+        if inflight[0] is task:
+            inflight.popleft()
+        else:
+            inflight.remove(task)
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -703,7 +801,9 @@ class Supervisor:
             task.finished_at = time.monotonic()
         try:
             self.sink.deliver(task, ok, value)
-        except Exception:
+        except BaseException as exc:  # a sink's or a done-callback's, even SystemExit: never the loop's end
+            if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+                raise  # Ctrl-C in the caller's own thread (a stepped loop) is the caller's
             log.exception("result sink %r failed to deliver %r", self.sink, task)
 
     def _fail_everything(self, exc: BaseException) -> None:
@@ -755,8 +855,16 @@ class Supervisor:
                     size = 1
                     continue
                 queue.popleft()
-                if task.done or (not task.retries and not claim(task)):  # a re-dispatched task was claimed already
+                if task.done:
                     continue
+                if not task.retries:  # a re-dispatched task was claimed already
+                    try:
+                        if not claim(task):
+                            continue
+                    except BaseException as exc:  # a sink's claim is user code: its error is this task's outcome
+                        exc.add_note(f"prefork: the result sink's claim() of task {task.id} failed")
+                        self._finish(task, False, exc)
+                        continue
                 items.append((task.id, payload))
                 size += psize
                 inflight.append(task)
@@ -950,6 +1058,14 @@ class Supervisor:
         """The worker's channel is closed and its exit status known: settle its tasks."""
         if self._workers.get(w.slot) is not w:
             return
+        if w.inflight:
+            # results it computed but had not sent wait in its slot's result area
+            buffered = self.scoreboard.buffered(w.slot)
+            if buffered:
+                try:
+                    self._on_results(w, buffered)
+                except struct.error:
+                    self._log(logging.WARNING, f"worker {w.pid} left a result area that does not decode; ignored")
         last_started, _ = self.scoreboard.task(w.slot)
         self._release(w)
         status = w.status
@@ -969,7 +1085,7 @@ class Supervisor:
                     task.retries += 1  # claimed already: do not claim it again
                     requeue.append(task)
                     continue
-                detail = f"poison task: {task.crashes} workers died running it" if task.crashes > 1 else ""
+                detail = f"poison task: {task.crashes} workers died running it" if task.crashes > 1 else w.lost_reason
                 self._finish(task, False, WorkerLost(w.pid, status, started=True, detail=detail))
             elif task.retries >= MAX_REDISPATCH or self._force:
                 detail = "the pool was stopped" if self._force else f"its worker died {task.retries + 1} times before it could start"
@@ -991,7 +1107,7 @@ class Supervisor:
             self._log(logging.INFO, f"worker {w.pid} left: {reason} ({describe_status(status)})")
         try:
             self.hook.prefork_worker_exited(worker=w.info, status=status, reason=reason)
-        except Exception:
+        except BaseException:
             log.exception("a prefork_worker_exited hook failed")
         if not expected:
             self._next_tick = 0.0  # let the policy replace it now (a retired one was replaced already)
@@ -1017,12 +1133,12 @@ class Supervisor:
         self._boot_failures += 1
         n = self._boot_failures
         if n >= self.max_boot_failures:
-            self._broken = PoolBroken(
-                f"workers failed to boot {n} times in a row; the pool is broken. Last failure:\n{why}"
-            )
-            self._log(logging.ERROR, str(self._broken))
-            self._fail_everything(self._broken)
-            self._closing = True
+            broken = PoolBroken(f"workers failed to boot {n} times in a row; the pool is broken. Last failure:\n{why}")
+            with self._lock:
+                self._broken = broken
+                self._closing = True
+            self._log(logging.ERROR, str(broken))
+            self._fail_everything(broken)
             return
         delay = min(2.0, 0.05 * 2 ** (n - 1))
         self._spawn_not_before = time.monotonic() + delay
@@ -1082,7 +1198,7 @@ class Supervisor:
         log.log(level, message)
         try:
             self.hook.prefork_log(level=level, message=message)
-        except Exception:
+        except BaseException:
             log.exception("a prefork_log hook failed")
 
     def pids(self) -> list[int]:

@@ -320,7 +320,10 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
     try:
         channel.send(_frames.READY_FRAME)
     except (BrokenPipeError, ConnectionResetError):
-        return EXIT_OK  # the supervisor gave up on us while we booted
+        # The supervisor gave up on us while we booted (a shut-down began while our spawn
+        # was still in the fork server's hands).  The initializer ran: so does the finalizer.
+        ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
+        return leave(ctx, info, "the supervisor closed the channel during boot")
     if ctx.max_rss_mb:
         handle._rss_base = _rss_bytes()
     return handle
@@ -388,8 +391,9 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
     monotonic_ns = time.monotonic_ns
     recv = channel.recv
     send = channel.send
-    head = _frames.RESULTS_HEAD
-    send_pieces = _frames.send_pieces
+    results = _ResultBuffer(ctx.scoreboard, info.slot, channel)
+    add = results.add
+    flush = results.flush
     while True:
         frame = recv()
         if frame is None:
@@ -401,31 +405,81 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
             continue
         calls = _frames.decode_calls(frame)
         del frame  # a large frame's buffer goes once its payload is decoded
-        out: list[_frames.Buffer] = [head]
         oldest = 0.0
         for tid, payload in calls:
-            if len(out) > 1 and monotonic() - oldest > _FLUSH_AGE:
-                send_pieces(channel, out)
-                out = [head]
+            if results.size and monotonic() - oldest > _FLUSH_AGE:
+                flush()
             words[base + _scoreboard.TASK] = tid
             now_ns = monotonic_ns()
             words[base + _scoreboard.STARTED] = now_ns
             words[base + _scoreboard.STATE] = _scoreboard.BUSY
-            out.extend(caller.call(tid, payload))
+            if not add(caller.call(tid, payload)):
+                oldest = now_ns / 1e9  # the first result of this batch
             words[base + _scoreboard.DONE] += 1
-            if len(out) == 3:
-                oldest = now_ns / 1e9
-            if monotonic() - now_ns / 1e9 > _FLUSH_SLOW:
-                send_pieces(channel, out)
-                out = [head]
+            if results.size and monotonic() - now_ns / 1e9 > _FLUSH_SLOW:
+                flush()
         del calls
         words[base + _scoreboard.STATE] = _scoreboard.IDLE
         words[base + _scoreboard.SINCE] = monotonic_ns()
-        if len(out) > 1:
-            send_pieces(channel, out)
+        if results.size:
+            flush()
         if rss_limit and not asked:
             grown = _rss_bytes() - rss_base
             if grown > rss_limit:
                 asked = True  # the supervisor sends STOP after what we hold: nothing is lost
                 send(bytes([_frames.LEAVING]) + f"memory grew by {grown / 2**20:.0f} MiB since boot "
                      f"(max_rss_mb = {ctx.max_rss_mb:g})".encode())
+
+
+class _ResultBuffer:
+    """The worker's RESULTS frame in the making, built in its scoreboard slot's
+    shared result area rather than in private memory.
+
+    A record counts as buffered only once it is whole (the slot's BUFFERED word
+    is written after its bytes), and stops counting only after the frame was
+    handed to the channel.  A worker killed at any instant therefore leaves every
+    result it computed either in its channel or in the area, where the supervisor
+    reads it after the death (both, at worst: it keeps the first).  A record too
+    large for the area goes out at once, as its own frame, after what was buffered.
+    """
+
+    __slots__ = ("_area", "_channel", "_index", "_send_parts", "_words", "size")
+
+    def __init__(self, board: _scoreboard.Scoreboard, slot: int, channel: ChildChannel) -> None:
+        self._area = board.area(slot)
+        self._area[0] = _frames.RESULTS
+        self._words = board.words
+        self._index = slot * _scoreboard.WORDS + _scoreboard.BUFFERED
+        self._channel = channel
+        self._send_parts = getattr(channel, "send_parts", None)
+        self.size = 0  #: bytes of records buffered
+
+    def add(self, record: tuple[Any, ...]) -> int:
+        """Buffer (or send) one result record; returns the bytes buffered before it."""
+        before = self.size
+        n = sum(map(len, record))
+        if before + n >= _scoreboard.AREA:
+            if before:
+                self.flush()
+                before = 0
+            if n >= _scoreboard.AREA:
+                _frames.send_pieces(self._channel, [_frames.RESULTS_HEAD, *record])
+                return 0
+        area = self._area
+        pos = 1 + before
+        for piece in record:
+            end = pos + len(piece)
+            area[pos:end] = piece
+            pos = end
+        self.size = before + n
+        self._words[self._index] = self.size  # after the bytes: a counted record is whole
+        return before
+
+    def flush(self) -> None:
+        frame = self._area[: 1 + self.size]
+        if self._send_parts is not None:
+            self._send_parts([frame])
+        else:
+            self._channel.send(bytes(frame))
+        self._words[self._index] = 0  # after the send: an unsent record is never forgotten
+        self.size = 0

@@ -23,7 +23,7 @@ from typing import Any
 from prefork._supervisor import PoolShutDown, Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
-from prefork.errors import ConfigError, PreforkError
+from prefork.errors import ConfigError, PreforkError, error_text
 from prefork.strategies.resolver import import_object
 from prefork.strategies.sink import Outcome, QueueSink
 
@@ -50,7 +50,7 @@ def error_result(exc: BaseException) -> dict[str, str]:
     """The seed's error shape: ``{"ERROR": message}``, plus the type and the traceback."""
     if isinstance(exc, CancelledError):
         return {"ERROR": "cancelled: the boss was shut down before the job ran", "TYPE": "CancelledError", "TRACEBACK": ""}
-    message = str(exc) or type(exc).__name__
+    message = error_text(exc)
     cause = exc.__cause__
     tb = str(cause) if cause is not None and type(cause).__name__ == "_RemoteTraceback" else ""
     if not tb:

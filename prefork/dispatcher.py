@@ -32,6 +32,7 @@ from prefork._hooks import hookimpl
 from prefork._supervisor import Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
+from prefork.errors import error_text
 from prefork.strategies.resolver import MethodResolver, XmlRpcResolver, import_object
 from prefork.strategies.sink import CallbackSink
 
@@ -307,7 +308,7 @@ def parse_request(request: Any) -> tuple[Any, Sequence[Any], Callable[..., Any] 
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = error_text(exc)
     name = getattr(exc, "type_name", type(exc).__name__)
     return text if name in ("WorkerLost", "TaskTimeout", "MethodNotFound") else f"{name}: {text}"
 

@@ -22,6 +22,7 @@ __all__ = [
     "TaskTimeout",
     "WorkerLost",
     "describe_status",
+    "error_text",
 ]
 
 
@@ -75,6 +76,16 @@ class RemoteTaskError(PreforkError):
 
     def __reduce__(self) -> tuple[type[RemoteTaskError], tuple[str, str, str]]:
         return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's message with its notes (PEP 678), where prefork says what it
+    was doing; the class name when there is no message."""
+    text = str(exc) or type(exc).__name__
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list) and notes:
+        text = "\n".join([text, *(str(note) for note in notes)])
+    return text
 
 
 def describe_status(status: int | None) -> str:

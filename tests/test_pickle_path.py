@@ -60,6 +60,6 @@ def test_the_executor_names_the_path_in_the_error_of_that_future() -> None:
         good = ex.submit(abs, -3)
         assert good.result(timeout=10) == 3
     exc = bad.exception(timeout=10)
-    assert isinstance(exc, TypeError)
-    assert "(at args[1]['db'].conn._lock)" in str(exc)
+    assert type(exc) is TypeError
+    assert "(at args[1]['db'].conn._lock)" in exc.__notes__[0]
     assert "cannot pickle '_thread.lock' object" in str(exc)

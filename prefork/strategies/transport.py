@@ -44,7 +44,9 @@ class ParentChannel(Protocol):
 
     def read(self) -> list[Frame]:
         """Every complete frame available now; raises ``EOFError`` once the peer closed
-        and every frame before the close was returned."""
+        and every frame before the close was returned.  Any other exception (such
+        as :class:`CorruptStream`, bytes that are not frames) means the stream is
+        broken: the supervisor kills that worker and settles its tasks."""
 
     def close(self) -> None: ...
 
@@ -74,6 +76,13 @@ class Transport(Protocol):
 
 _HEADER = struct.Struct("<Q")
 _HSIZE = _HEADER.size
+#: a frame's header is one u64: this mark in its top 16 bits, the frame's length below.
+#: Bytes that are not a frame (a task writing into its worker's socket) fail the check
+#: instead of reading as a length of gigabytes.
+_MARK: Final = 0x5046 << 48
+_LENGTH: Final = (1 << 48) - 1
+#: no frame is longer: one call or result record (a u32 length) and its headers
+MAX_FRAME_LENGTH: Final = 2**32 + 4096
 #: frames at least this large are received straight into their own buffer, and sent
 #: as separate parts, never joined or copied in Python
 BIG_FRAME: Final = 65536
@@ -85,6 +94,23 @@ Frame = bytes | bytearray | memoryview
 
 class FrameTooLarge(ValueError):
     pass
+
+
+class CorruptStream(ConnectionError):
+    """The bytes on a channel are not frames: someone else wrote into the socket."""
+
+
+def _head(size: int) -> bytes:
+    return _HEADER.pack(_MARK | size)
+
+
+def _length(buf: bytes | bytearray | memoryview, pos: int) -> int:
+    """The length in the frame header at ``pos``; ``CorruptStream`` if it is no header."""
+    (word,) = _HEADER.unpack_from(buf, pos)
+    size: int = word & _LENGTH
+    if word & ~_LENGTH != _MARK or size > MAX_FRAME_LENGTH:
+        raise CorruptStream(f"the channel carried bytes that are not a frame (header {word:#018x})")
+    return size
 
 
 def _buffer(size: int) -> bytearray:
@@ -140,7 +166,7 @@ def _split(
     got = 0
     with memoryview(buf) as view:
         while end - pos >= _HSIZE:
-            (size,) = _HEADER.unpack_from(buf, pos)
+            size = _length(buf, pos)
             start = pos + _HSIZE
             if end - start < size:
                 if size >= BIG_FRAME:
@@ -157,7 +183,9 @@ def _split(
 
 
 class _PipeParent:
-    __slots__ = ("_big", "_eof", "_got", "_inbuf", "_max_frame", "_out", "_read_size", "_scratch", "_spare", "sock")
+    __slots__ = (
+        "_big", "_corrupt", "_eof", "_got", "_inbuf", "_max_frame", "_out", "_read_size", "_scratch", "_spare", "sock",
+    )
 
     def __init__(self, sock: socket.socket, read_size: int, max_frame: int) -> None:
         sock.setblocking(False)
@@ -168,6 +196,7 @@ class _PipeParent:
         self._read_size = read_size
         self._max_frame = max_frame
         self._eof = False
+        self._corrupt: CorruptStream | None = None
         self._big: memoryview | None = None
         self._got = 0
         self._spare = _Spare()
@@ -181,9 +210,9 @@ class _PipeParent:
             raise FrameTooLarge(f"a frame of {size} bytes exceeds transport.max_frame = {self._max_frame}")
         out = self._out
         if size < BIG_FRAME:
-            out.append(_HEADER.pack(size) + frame)
+            out.append(_head(size) + frame)
         else:  # no copy of a large payload
-            out.append(_HEADER.pack(size))
+            out.append(_head(size))
             out.append(frame)
         if len(out) <= 2:
             self.flush()
@@ -193,7 +222,7 @@ class _PipeParent:
         if self._max_frame and size > self._max_frame:
             raise FrameTooLarge(f"a frame of {size} bytes exceeds transport.max_frame = {self._max_frame}")
         was = len(self._out)
-        self._out.append(_HEADER.pack(size))
+        self._out.append(_head(size))
         self._out.extend(parts)
         if not was:
             self.flush()
@@ -228,7 +257,7 @@ class _PipeParent:
         buf = self._inbuf
         frames: list[Frame] = []
         sock = self.sock
-        while not self._eof:
+        while not self._eof and self._corrupt is None:
             big = self._big
             if big is not None:  # a large frame arrives straight into the spare buffer
                 try:
@@ -257,11 +286,19 @@ class _PipeParent:
                 self._eof = True
                 break
             buf += view[:n]
-            self._big, self._got = _split(buf, frames, self._spare)
+            try:
+                self._big, self._got = _split(buf, frames, self._spare)
+            except CorruptStream as exc:
+                self._corrupt = exc  # the frames before it are good: returned now, the error next
+                buf.clear()
+                break
             if n < self._read_size and self._big is None:
                 break
-        if self._eof and not frames:
-            raise EOFError
+        if not frames:
+            if self._corrupt is not None:
+                raise self._corrupt
+            if self._eof:
+                raise EOFError
         return frames
 
     def close(self) -> None:
@@ -288,13 +325,13 @@ class _PipeChild:
 
     def send(self, frame: bytes) -> None:
         if len(frame) < BIG_FRAME:
-            self.sock.sendall(_HEADER.pack(len(frame)) + frame)
+            self.sock.sendall(_head(len(frame)) + frame)
         else:
-            self.sock.sendall(_HEADER.pack(len(frame)))
+            self.sock.sendall(_head(len(frame)))
             self.sock.sendall(frame)
 
     def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        todo: list[bytes | bytearray | memoryview] = [_HEADER.pack(sum(len(p) for p in parts)), *parts]
+        todo: list[bytes | bytearray | memoryview] = [_head(sum(len(p) for p in parts)), *parts]
         sock = self.sock
         while todo:
             sent = sock.sendmsg(todo[:_IOV_MAX])
@@ -315,7 +352,7 @@ class _PipeChild:
                 big, self._big = self._big, None
                 return self._fill(big, self._got)
             if len(buf) >= _HSIZE:
-                (size,) = _HEADER.unpack_from(buf, 0)
+                size = _length(buf, 0)
                 if len(buf) - _HSIZE >= size or size >= BIG_FRAME:
                     self._big, self._got = _split(buf, self._ready, self._spare)
                     continue
