@@ -85,3 +85,110 @@ def test_random_kills_lose_nothing_and_duplicate_nothing(tmp_path: Path, mode: s
     assert all(counts.get(n) == 1 for n in succeeded), "a succeeded task wrote no or several done lines"
     assert all(c == 1 for c in counts.values()), "a task ran twice"
     assert outcomes["lost"] <= kills
+
+
+# -- quick tasks travel in batches: a kill may fail the one running, never the finished ones
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def ledger_noop(ledger: str, n: int) -> int:
+    _append(ledger, f"{n}\n")
+    return n
+
+
+def ledger_chunk(ledger: str, ns: list[int]) -> list[int]:
+    """A chunk as ``Executor.map`` sends it: one task, a list of items, a list back."""
+    _append(ledger, "".join(f"{n}\n" for n in ns))
+    return ns
+
+
+def _storm(
+    ex: prefork.Executor, stop: threading.Event, kills: list[int], seed: int, pause: tuple[float, float] = (0.005, 0.03)
+) -> threading.Thread:
+    """SIGKILL a random worker every ``pause`` seconds until ``stop``; count the kills."""
+    rng = random.Random(seed)
+
+    def killer() -> None:
+        while not stop.wait(rng.uniform(*pause)):
+            pids = ex.pids()
+            if pids:
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    kills.append(1)
+                except ProcessLookupError:
+                    pass
+
+    t = threading.Thread(target=killer)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("mode", ["forkserver", "direct"])
+def test_random_kills_among_no_op_tasks_fail_at_most_one_task_per_kill(tmp_path: Path, mode: str) -> None:
+    """No-op tasks travel in batches; each SIGKILL may fail the one task running, no more."""
+    ledger = str(tmp_path / "ledger")
+    stop = threading.Event()
+    kills: list[int] = []
+    with prefork.Executor(2, overrides={"pool.fork_from": mode}) as ex:
+        chaos = _storm(ex, stop, kills, 99)
+        try:
+            futures = []
+            deadline = time.monotonic() + 3.0
+            n = 0
+            while time.monotonic() < deadline:
+                batch = [ex.submit(ledger_noop, ledger, n + i) for i in range(500)]
+                n += len(batch)
+                futures += batch
+                wait(batch, timeout=30)
+        finally:
+            stop.set()
+            chaos.join(10)
+        _, pending = wait(futures, timeout=30)
+        assert not pending
+        failed = [f for f in futures if f.exception() is not None]
+        for f in failed:
+            exc = f.exception()
+            assert isinstance(exc, prefork.WorkerLost) and exc.started, repr(exc)
+        assert len(kills) >= 10, f"only {len(kills)} kills"
+        assert len(failed) <= len(kills), f"{len(failed)} tasks failed for {len(kills)} kills"
+        assert ex.submit(abs, -1).result(timeout=10) == 1
+    lines = Path(ledger).read_text().split()
+    ran = [int(x) for x in lines]
+    assert len(ran) == len(set(ran)), "a task ran twice"
+    succeeded = {f.result() for f in futures if f.exception() is None}
+    assert succeeded <= set(ran)
+
+
+def test_random_kills_among_batched_chunks_fail_at_most_one_chunk_per_kill(tmp_path: Path) -> None:
+    ledger = str(tmp_path / "ledger")
+    stop = threading.Event()
+    kills: list[int] = []
+    with prefork.Executor(2) as ex:
+        chaos = _storm(ex, stop, kills, 7)
+        try:
+            futures = []
+            deadline = time.monotonic() + 3.0
+            n = 0
+            while time.monotonic() < deadline:
+                batch = [ex.submit(ledger_chunk, ledger, list(range(n + 20 * i, n + 20 * i + 20))) for i in range(100)]
+                n += 2000
+                futures += batch
+                wait(batch, timeout=30)
+        finally:
+            stop.set()
+            chaos.join(10)
+        _, pending = wait(futures, timeout=30)
+        assert not pending
+        failed = [f for f in futures if f.exception() is not None]
+        assert all(isinstance(f.exception(), prefork.WorkerLost) for f in failed)
+        assert len(kills) >= 10
+        assert len(failed) <= len(kills), f"{len(failed)} chunks failed for {len(kills)} kills"
+    ran = [int(x) for x in Path(ledger).read_text().split()]
+    assert len(ran) == len(set(ran)), "a chunk ran twice"
