@@ -11,7 +11,7 @@ from typing import Any
 from prefork import _frames
 from prefork._task import WorkerInfo
 from prefork.errors import MethodNotFound, RemoteTaskError, error_text
-from prefork.strategies.resolver import MethodResolver
+from prefork.strategies.resolver import MethodResolver, is_private
 from prefork.strategies.serializer import Serializer
 
 
@@ -158,6 +158,8 @@ def resolve_method(resolver: MethodResolver, method: Any, cache: dict[str, Calla
         raise MethodNotFound(f"a task's method must be a callable or a name, not {type(method).__name__}")
     fn = cache.get(method)
     if fn is None:
+        if is_private(method):
+            raise MethodNotFound(f"no method named {method!r}: names with a part that starts with '_' are never dispatched")
         fn = resolver.resolve(method)
         if fn is None:
             raise MethodNotFound(f"no method named {method!r} (resolver {resolver.name!r})")

@@ -47,7 +47,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected key=value, for example --set scaling.workers=4")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             value = raw
         out[key.strip()] = value
     return out

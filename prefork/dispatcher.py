@@ -20,6 +20,8 @@ import asyncio
 import inspect
 import logging
 import os
+import socket
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from socketserver import ThreadingMixIn
@@ -318,6 +320,31 @@ def _error_text(exc: BaseException) -> str:
 
 class _Handler(SimpleXMLRPCRequestHandler):
     rpc_paths = ("/", "/RPC2")
+    server: _ThreadedServer
+
+    def setup(self) -> None:
+        super().setup()
+        # The whole request (line, headers, body) must arrive within read_timeout: a
+        # half-open or trickling client is cut off then, whatever it sends meanwhile.
+        self.connection.settimeout(self.server.read_timeout)
+        self._deadline = threading.Timer(self.server.read_timeout, self._cut_off)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut_off(self) -> None:
+        log.debug("xmlrpc: a client took longer than %g s to send its request; closing it", self.server.read_timeout)
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def decode_request_content(self, data: bytes) -> bytes | None:
+        self._deadline.cancel()  # the request is in: the call itself may take its time
+        return super().decode_request_content(data)
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("xmlrpc: " + format, *args)
@@ -326,6 +353,34 @@ class _Handler(SimpleXMLRPCRequestHandler):
 class _ThreadedServer(ThreadingMixIn, SimpleXMLRPCServer):
     daemon_threads = True
     allow_reuse_address = True
+    read_timeout = 10.0
+    max_connections = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread per connection, at most max_connections: past that a client is
+        # refused at once rather than given a thread that may wait forever.
+        if not self._slots.acquire(blocking=False):
+            log.warning("xmlrpc: %d connections open; refusing %s", self.max_connections, client_address)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):  # a client that went away, or was cut off: nothing to print
+            log.debug("xmlrpc: connection from %s ended: %r", client_address, exc)
+            return
+        super().handle_error(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Forwarder:
@@ -354,10 +409,29 @@ class _Forwarder:
 
 class XMLRPCFront:
     """Serve a :class:`Dispatcher` over XML-RPC: each call becomes a request whose
-    response is the call's return value (an error becomes an XML-RPC Fault)."""
+    response is the call's return value (an error becomes an XML-RPC Fault).
 
-    def __init__(self, dispatcher: Dispatcher, host: str = "127.0.0.1", port: int = 0, timeout: float | None = 60.0) -> None:
-        self.server = _ThreadedServer((host, port), requestHandler=_Handler, allow_none=True, logRequests=False)
+    ``timeout`` bounds the wait for a call's answer; ``read_timeout`` bounds the
+    time a client may take to send its whole request (a half-open or trickling
+    connection is closed then); at most ``max_connections`` are served at once,
+    and a client past that is refused at once."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeout: float | None = 60.0,
+        *,
+        read_timeout: float = 10.0,
+        max_connections: int = 64,
+    ) -> None:
+        if not read_timeout > 0:
+            raise ValueError(f"XMLRPCFront: read_timeout = {read_timeout!r}: must be > 0 seconds")
+        if max_connections < 1:
+            raise ValueError(f"XMLRPCFront: max_connections = {max_connections!r}: must be >= 1")
+        server_class = type("_Server", (_ThreadedServer,), {"read_timeout": read_timeout, "max_connections": max_connections})
+        self.server = server_class((host, port), requestHandler=_Handler, allow_none=True, logRequests=False)
         self.server.register_instance(_Forwarder(dispatcher, timeout))
         self._thread: threading.Thread | None = None
 

@@ -66,11 +66,34 @@ def profile_text(name: str) -> str:
 # -- reading and layering -----------------------------------------------------------------
 
 
+#: a config file larger than this is refused before it is parsed
+MAX_CONFIG_BYTES: Final = 1 << 20
+#: tables and arrays nested deeper than this are refused (a config needs a few levels)
+MAX_CONFIG_DEPTH: Final = 32
+
+
 def _parse(text: str, source: str) -> dict[str, Any]:
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{source}: invalid TOML: nested too deep (a config has at most {MAX_CONFIG_DEPTH} levels)") from None
+    _check_depth(data, source)
+    return data
+
+
+def _check_depth(data: Any, source: str) -> None:
+    """Refuse nesting past ``MAX_CONFIG_DEPTH`` (iteratively: deep data must not overflow the stack)."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: tables or arrays nested more than {MAX_CONFIG_DEPTH} levels deep")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 @functools.lru_cache(maxsize=16)
@@ -84,9 +107,11 @@ def _profile_layer(profile: str, source: str) -> dict[str, Any]:
 def _read_file(path: str | os.PathLike[str], source: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read the config file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: the config file is larger than {MAX_CONFIG_BYTES // 1024} KiB; a config is a few settings")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -55,7 +55,13 @@ Each of the five strategy kinds is a table holding `name` and that strategy's ow
 `transport = "pipe"` is short for `[transport] name = "pipe"`. When a later layer names a
 different strategy, the earlier layers' options for that kind are dropped. Every mistake is
 reported with where the value came from, the key, the value and the reason, for example
-`prefork.toml: pool.task_timeout = -2.0: must be >= 0`."""
+`prefork.toml: pool.task_timeout = -2.0: must be >= 0`.
+
+A config file is a few settings: one larger than 1 MiB, or with tables or arrays nested more
+than 32 levels deep, is refused with one such line before anything else is read from it.
+`prefork check` validates without running the app, but it does import what validation
+needs: the modules named in `plugins = [...]` (their top-level code runs, as with any import,
+and a module in the current directory is found there) and the import paths of strategy options."""
 
 
 def _cell(text: str) -> str:

@@ -24,6 +24,17 @@ class MethodResolver(Protocol):
     def resolve(self, method: str) -> Callable[..., Any] | None: ...
 
 
+def is_private(method: str) -> bool:
+    """Whether a method name is never dispatched: it, or any part of an import path
+    (``module.sub:attr.attr``), starts with ``_`` (``_precall``, ``os:_exit``,
+    ``builtins:__import__``).  Every resolver and every front keeps to it."""
+    if method.startswith("_"):
+        return True
+    if ":" not in method and "." not in method:
+        return False
+    return any(part.startswith("_") for part in method.replace(":", ".").split("."))
+
+
 def import_object(spec: str) -> Any:
     """``"package.module:attr.sub"`` (or ``"package.module.attr"``) to the object it names."""
     module_name, sep, attr_path = spec.partition(":")
@@ -53,6 +64,8 @@ class MethodsResolver:
     )
 
     def resolve(self, method: str) -> Callable[..., Any] | None:
+        if method.startswith("_"):
+            return None  # special and private names are never dispatched
         target = self.methods.get(method)
         if isinstance(target, str):
             target = import_object(target)
@@ -93,7 +106,7 @@ class ImportResolver:
     name: ClassVar[str] = "import"
 
     def resolve(self, method: str) -> Callable[..., Any] | None:
-        if ":" not in method:
+        if ":" not in method or is_private(method):
             return None
         target = import_object(method)
         return target if callable(target) else None
