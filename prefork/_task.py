@@ -17,11 +17,13 @@ class Task:
     __slots__ = (
         "args",
         "callback",
+        "claimed",
         "context",
         "crashes",
         "done",
         "finished_at",
         "handle",
+        "holder",
         "id",
         "kwargs",
         "method",
@@ -51,6 +53,8 @@ class Task:
         self.callback = callback
         self.handle: Any = None
         self.payload: Any = b""  #: the serialized call: bytes, or a list of parts (large blobs unjoined)
+        self.claimed = False  #: the sink's claim() said yes (once: a re-dispatch does not ask again)
+        self.holder: Any = None  #: the worker that has it, while in flight (the ledger's key)
         self.retries = 0  #: re-dispatches after a worker died before starting it
         self.crashes = 0  #: workers that died while running it
         self.done = False
