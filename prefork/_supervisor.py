@@ -24,7 +24,6 @@ or goes back to the front of the queue (it never reached user code).
 from __future__ import annotations
 
 import atexit
-import heapq
 import itertools
 import logging
 import math
@@ -42,6 +41,7 @@ from typing import Any, Final
 
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, buffer_loads, decode_error, dump_parts
+from prefork._ledger import Ledger
 from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
@@ -56,7 +56,6 @@ BOOTING: Final = 0
 READY: Final = 1
 RETIRING: Final = 2  #: told to leave, or leaving on its own; not counted as alive
 
-MAX_REDISPATCH: Final = 3  #: a task whose worker died before it started goes back this often
 AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep and tasks short
 SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
 LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
@@ -76,9 +75,8 @@ def _shutdown_all() -> None:
     """At exit, stop the pools still running, waiting for their tasks as the
     standard library's pools do; a pool being killed gets ``KILL_WAIT`` at most.
     A Ctrl-C while waiting kills every pool left (bounded waits), then exits."""
-    pools = list(_live)
     try:
-        for sup in pools:
+        for sup in list(_live):
             try:
                 if sup._force:
                     sup.join(KILL_WAIT)  # killed already (a second Ctrl-C): do not wait for it again
@@ -87,6 +85,7 @@ def _shutdown_all() -> None:
             except Exception:
                 pass
     except KeyboardInterrupt:
+        pools = list(_live)  # those not stopped yet
         for sup in pools:
             try:
                 sup.shutdown(wait=False, force=True)
@@ -235,15 +234,17 @@ class Supervisor:
             child_signals=dict(child_signals or {}),
             return_in_child=return_in_child,
         )
-        self.queue: deque[Task] = deque()
-        self._tasks: dict[int, Task] = {}  # in flight, by id
+        #: the bookkeeping of tasks (queue, in flight by worker, deadlines, what a death means)
+        self.ledger = Ledger(max_crash_retries=pool.max_crash_retries)
+        self.queue = self.ledger.queue  # the same objects, for the hot paths
+        self._tasks = self.ledger.in_flight
         self._workers: dict[int, _Worker] = {}  # by slot
         self._by_pid: dict[int, _Worker] = {}
         self._by_fd: dict[int, _Worker] = {}
         self._free_slots = list(range(self.scoreboard.slots - 1, -1, -1))
         self._ids = itertools.count(1)
         self._serials = itertools.count(1)
-        self._deadlines: list[tuple[float, int]] = []
+        self._deadlines = self.ledger.deadlines
         self._avg_task: float | None = None  # moving average of task run time (s)
         self._spawned_total = 0
         self._last_spawn = -math.inf
@@ -320,9 +321,6 @@ class Supervisor:
         with self._lock:
             self._broken = broken
             self._closing = True
-        for w in list(self._workers.values()):
-            for task in w.inflight:
-                self._tasks.setdefault(task.id, task)
         try:
             self._fail_everything(broken)
         finally:
@@ -362,8 +360,10 @@ class Supervisor:
         except KeyboardInterrupt:
             self.shutdown(wait=False, force=True)  # interrupted: kill, do not wait for the running tasks
             if self._thread is not None:
+                # the event, not join(): an interrupted join() may leave the Thread marked
+                # as stopped (Python 3.11), and a second join() would return at once
                 if self._thread is not threading.current_thread():
-                    self._thread.join(KILL_WAIT)
+                    self._done_event.wait(KILL_WAIT)
             else:
                 end = time.monotonic() + KILL_WAIT
                 while not self._stopped and time.monotonic() < end:
@@ -477,23 +477,41 @@ class Supervisor:
             task = self._cancels.popleft()
             if task.done:
                 continue
-            w = self._holder(task)
+            w = self.ledger.holder_of(task)
             if w is None:  # still queued: the sink's claim() drops it
                 continue
-            self._tasks.pop(task.id, None)
-            w.inflight.remove(task)
-            self._finish(task, False, CancelledError())
+            assert isinstance(w, _Worker)
+            self._settle(w, task, False, CancelledError())
             self._log(logging.INFO, f"task {task.id} cancelled while running; killing worker {w.pid}")
             self._retire(w, "its running task was cancelled", kill=True)
 
     def _wake(self) -> None:
+        """Make the loop's ``select`` return.  Safe from any thread and from a signal
+        handler: a handler runs on the main thread between any two bytecodes, maybe
+        while that thread holds ``_lock``, so there it never waits for the lock.  If
+        the lock is taken, its holder is awake (the loop) or wakes the loop itself
+        right after (``submit``, ``shutdown``); the write is skipped, never blocked on."""
         self._sleeping = False
-        with self._lock:
+        if threading.current_thread() is threading.main_thread():
+            if not self._lock.acquire(blocking=False):
+                return
+        else:
+            self._lock.acquire()  # no signal handler runs on this thread: waiting is safe
+        try:
             if self._wake_w >= 0:
                 try:
                     os.write(self._wake_w, b"x")
                 except OSError:
                     pass  # full: the loop is awake anyway
+        finally:
+            self._lock.release()
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The write end of the loop's wake pipe (non-blocking; -1 once stopped): a byte
+        written there makes ``step`` return.  For ``signal.set_wakeup_fd`` on a
+        ``os.dup`` of it, so that a signal wakes the loop without Python code."""
+        return self._wake_w
 
     # -- the loop -----------------------------------------------------------------
 
@@ -618,6 +636,7 @@ class Supervisor:
         if self.max_tasks and not self.self_feeding:
             budget = self.max_tasks + (random.randint(0, self.max_tasks_jitter) if self.max_tasks_jitter else 0)
         w = _Worker(slot, serial, now, budget)
+        w.inflight = self.ledger.held(w)  # the ledger's record of what it holds, in order
         w.info = WorkerInfo(slot=slot, name=self.config.name, serial=serial)
         self._workers[slot] = w
         self._spawned_total += 1
@@ -752,17 +771,13 @@ class Supervisor:
             w.kill_at = min(w.kill_at, time.monotonic() + EOF_GRACE)
 
     def _on_results(self, w: _Worker, frame: Any) -> None:
-        tasks = self._tasks
+        held_task = self.ledger.held_task
         inflight = w.inflight
         loads = self._loads
         for tid, status, t0, t1, payload in _frames.decode_results(frame):
-            task = tasks.get(tid)
+            task = held_task(w, tid)
             if task is None:
-                continue  # a late result of a task already answered (timed out)
-            if inflight and inflight[0] is task:
-                pass
-            elif task not in inflight:
-                continue  # not a task of this worker: a stray record is nobody's outcome
+                continue  # late (its task was answered: timed out), or not this worker's task
             task.started_at = t0
             task.finished_at = t1
             avg = self._avg_task
@@ -784,12 +799,7 @@ class Supervisor:
         """``task``, held by ``w``, has its outcome: deliver it, then forget the task
         (in that order: if delivering fails, the task is still on the books)."""
         self._finish(task, ok, value)
-        del self._tasks[task.id]
-        inflight = w.inflight
-        if inflight[0] is task:
-            inflight.popleft()
-        else:
-            inflight.remove(task)
+        self.ledger.release(task)
 
     # -- outcomes -------------------------------------------------------------------
 
@@ -807,11 +817,8 @@ class Supervisor:
             log.exception("result sink %r failed to deliver %r", self.sink, task)
 
     def _fail_everything(self, exc: BaseException) -> None:
-        for task in list(self._tasks.values()):
+        for task in self.ledger.everything():
             self._finish(task, False, exc)
-        self._tasks.clear()
-        while self.queue:
-            self._finish(self.queue.popleft(), False, exc)
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -831,7 +838,7 @@ class Supervisor:
         ready.sort(key=lambda w: len(w.inflight))
         now = time.monotonic()
         claim = self.sink.claim
-        tasks = self._tasks
+        give = self.ledger.give
         frame_bytes = min(self.max_frame or FRAME_BYTES, FRAME_BYTES)
         for w in ready:
             room = per - len(w.inflight)
@@ -842,7 +849,6 @@ class Supervisor:
             items: list[tuple[int, _frames.Payload]] = []
             size = 1
             given = 0
-            inflight = w.inflight
             while queue and given + len(items) < room:
                 task = queue[0]
                 payload = task.payload
@@ -857,7 +863,7 @@ class Supervisor:
                 queue.popleft()
                 if task.done:
                     continue
-                if not task.retries:  # a re-dispatched task was claimed already
+                if not task.claimed:  # asked once: a re-dispatched task was claimed already
                     try:
                         if not claim(task):
                             continue
@@ -865,12 +871,10 @@ class Supervisor:
                         exc.add_note(f"prefork: the result sink's claim() of task {task.id} failed")
                         self._finish(task, False, exc)
                         continue
+                    task.claimed = True
                 items.append((task.id, payload))
                 size += psize
-                inflight.append(task)
-                tasks[task.id] = task
-                if task.timeout:
-                    heapq.heappush(self._deadlines, (now + task.timeout, task.id))
+                give(w, task, now)
             if items:
                 self._send_calls(w, items)
             if w.budget == 0 and w.state != RETIRING:  # its last tasks: STOP follows them, the replacement forks now
@@ -906,23 +910,21 @@ class Supervisor:
                 continue
             payload = task.payload
             record = self._inline.call(task.id, payload if type(payload) is bytes else b"".join(payload))
-            self._tasks[task.id] = task
             self._on_results_record(task, record)
 
     def _on_results_record(self, task: Task, record: tuple[Any, ...]) -> None:
         frame = b"".join((_frames.RESULTS_HEAD, *record))
-        fake = _Worker(-1, 0, 0.0, -1)
-        fake.inflight.append(task)
-        self._on_results(fake, frame)
+        here = _Worker(-1, 0, 0.0, -1)  # this process, as the holder of the task it runs
+        here.inflight = self.ledger.held(here)
+        self.ledger.give(here, task, time.monotonic())
+        self._on_results(here, frame)
+        self.ledger.forget_holder(here)
 
     # -- timers: timeouts, boots, kills, scaling --------------------------------------
 
     def _timers(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, tid = heapq.heappop(deadlines)
-            task = self._tasks.get(tid)
-            if task is not None:
+        if self._deadlines:
+            for task in list(self.ledger.due(now)):
                 self._check_timeout(task, now)
         for w in list(self._workers.values()):
             if self.max_worker_age and w.state == READY and now - w.spawned_at > self.max_worker_age:
@@ -942,16 +944,17 @@ class Supervisor:
             self._scale(now)
 
     def _check_timeout(self, task: Task, now: float) -> None:
-        w = self._holder(task)
+        w = self.ledger.holder_of(task)
         if w is None:
             return
+        assert isinstance(w, _Worker)
         current, started = self.scoreboard.task(w.slot)
         if current != task.id or w.inflight[0] is not task:
-            heapq.heappush(self._deadlines, (now + (task.timeout or 0.0), task.id))  # not started yet
+            self.ledger.defer(task, now + (task.timeout or 0.0))  # not started yet
             return
         assert task.timeout is not None
         if started + task.timeout > now:
-            heapq.heappush(self._deadlines, (started + task.timeout, task.id))
+            self.ledger.defer(task, started + task.timeout)
             return
         # first ask the worker for its stack (faulthandler), then fail the task and kill
         fd = self.scoreboard.words[w.slot * _scoreboard.WORDS + _scoreboard.STACKFD]
@@ -962,21 +965,13 @@ class Supervisor:
             stack = read_stack(w.pid, fd)
             if not stack or len(stack) != w.stack_seen:
                 w.stack_seen = len(stack)  # still being written: look again shortly
-                heapq.heappush(self._deadlines, (min(now + 0.02, w.stack_wait), task.id))
+                self.ledger.defer(task, min(now + 0.02, w.stack_wait))
                 return
         stack = read_stack(w.pid, fd)
-        self._tasks.pop(task.id, None)
-        w.inflight.popleft()
         task.started_at = started
-        self._finish(task, False, TaskTimeout(task.timeout, w.pid, stack))
+        self._settle(w, task, False, TaskTimeout(task.timeout, w.pid, stack))
         self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
         self._retire(w, "a task timed out", kill=True)
-
-    def _holder(self, task: Task) -> _Worker | None:
-        for w in self._workers.values():
-            if w.inflight and task in w.inflight:
-                return w
-        return None
 
     def _is_idle(self, w: _Worker) -> bool:
         if self.self_feeding:
@@ -1067,33 +1062,13 @@ class Supervisor:
                 except struct.error:
                     self._log(logging.WARNING, f"worker {w.pid} left a result area that does not decode; ignored")
         last_started, _ = self.scoreboard.task(w.slot)
-        self._release(w)
         status = w.status
+        settlement = self.ledger.settle_death(w, last_started, force=self._force)
+        self._release(w)
         expected = w.state == RETIRING or self._closing
-        started_upto = -1
-        for i, task in enumerate(w.inflight):
-            if task.id == last_started:
-                started_upto = i
-        requeue: list[Task] = []
-        for i, task in enumerate(w.inflight):
-            if task.done:
-                continue
-            self._tasks.pop(task.id, None)
-            if i <= started_upto:
-                task.crashes += 1
-                if task.crashes <= self.max_crash_retries and not self._force:
-                    task.retries += 1  # claimed already: do not claim it again
-                    requeue.append(task)
-                    continue
-                detail = f"poison task: {task.crashes} workers died running it" if task.crashes > 1 else w.lost_reason
-                self._finish(task, False, WorkerLost(w.pid, status, started=True, detail=detail))
-            elif task.retries >= MAX_REDISPATCH or self._force:
-                detail = "the pool was stopped" if self._force else f"its worker died {task.retries + 1} times before it could start"
-                self._finish(task, False, WorkerLost(w.pid, status, started=False, detail=detail))
-            else:
-                task.retries += 1
-                requeue.append(task)
-        self.queue.extendleft(reversed(requeue))
+        for lost in settlement.lost:
+            detail = lost.detail or (w.lost_reason if lost.started else "")
+            self._finish(lost.task, False, WorkerLost(w.pid, status, started=lost.started, detail=detail))
         booted = w.state != BOOTING and not w.boot_error
         if not booted and not expected:
             why = w.boot_error or f"the worker exited during boot ({describe_status(status)})"
@@ -1113,6 +1088,7 @@ class Supervisor:
             self._next_tick = 0.0  # let the policy replace it now (a retired one was replaced already)
 
     def _release(self, w: _Worker) -> None:
+        self.ledger.forget_holder(w)
         self._workers.pop(w.slot, None)
         if w.pid:
             self._by_pid.pop(w.pid, None)
