@@ -23,21 +23,33 @@ Both watch each child through a pidfd, so no exit is lost and no SIGCHLD
 handler is needed.  Events come back as tuples:
 ``("spawned", slot, serial, pid, sock)``, ``("failed", slot, serial, text)``,
 ``("exited", pid, status)``.
+
+The fork server also watches its own parent, the caller, through a pidfd: the
+end of its control socket is not enough, since any process the caller forks
+later (a ``multiprocessing`` child, say) inherits the caller's end whatever its
+close-on-exec flag.  When the caller dies the server kills the process groups
+of its workers and of the workers the caller forked itself (it is told their
+pids), so that nothing a task started outlives the pool.  A graceful stop (after
+``drain``) kills nobody: a worker the supervisor gave up on while it booted
+sees the end of its channel and leaves through its finalizer.
 """
 
 from __future__ import annotations
 
+import array
 import atexit
 import gc
+import math
 import os
 import pickle
 import selectors
 import signal
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from prefork._proctitle import set_title
 from prefork._task import WorkerInfo
@@ -47,6 +59,13 @@ Event = tuple[Any, ...]
 
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT}
+
+#: seconds the fork server waits, on a graceful stop, for workers the supervisor gave up on
+#: while they booted (they finish their initializer, then run their finalizer) before SIGKILL;
+#: ``ForkServer.stop_grace`` (the default of boot_timeout)
+STOP_GRACE: Final = 30.0
+
+_PARENT: Final = "parent"  #: selector data of the fork server's pidfd on its parent
 
 
 def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket.socket]:
@@ -80,6 +99,22 @@ def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket
     ctx.scoreboard.words[slot * 8] = pid
     ctx.hook.prefork_after_fork(worker=info)
     return pid, parent_sock
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int, Any]:
+    """``socket.recv_fds`` with the descriptors close-on-exec from the start, so that no
+    program a thread of this process runs meanwhile inherits a worker's socket
+    (``socket.recv_fds`` drops its ``flags`` argument before Python 3.12).
+
+    A server that left with a message of ours unread (a "gone" crossing its leaving)
+    makes one read fail with ECONNRESET *before* the messages it sent are read: the
+    next read returns them, then end of stream."""
+    fds = array.array("i")
+    data, ancdata, flags, addr = sock.recvmsg(65536, socket.CMSG_LEN(fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), flags, addr
 
 
 def _signal_group(pid: int, sig: int, group: bool = True) -> None:
@@ -138,6 +173,10 @@ class DirectSpawner:
     def owns(self, pid: int) -> bool:
         return pid in self._pidfds.values()
 
+    def pids(self) -> list[int]:
+        """The workers forked here and not reaped yet."""
+        return list(self._pidfds.values())
+
     def watches(self, fd: int) -> bool:
         return fd in self._pidfds
 
@@ -180,7 +219,10 @@ class ForkServer:
         self._here: DirectSpawner | None = None  # the worker the caller forked at start
         self._forking_here = False
         self._deferred: list[tuple[Any, ...]] = []  # spawn requests made before the server was up
+        self._served: set[int] = set()  # pids the server forked whose exit it has not reported
         self.draining = False
+        #: on a graceful stop, seconds the server waits for workers still leaving before SIGKILL
+        self.stop_grace = STOP_GRACE
 
     def start(self, first: Callable[[], object] | None = None) -> None:
         """Fork the server.  ``first`` asks for the first workers: from the main
@@ -215,13 +257,17 @@ class ForkServer:
 
     def adopt(self, here: DirectSpawner | None) -> None:
         self._here = here
+        if here is not None and here.pids():
+            self._notify(("here", here.pids()))  # the server kills their groups if we die
 
     def _start_server(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        me = os.getpid()
+        here = self._here.pids() if self._here is not None else []
         pid = os.fork()
         if pid == 0:
             parent.close()
-            _serve(self.ctx, child)
+            _serve(self.ctx, child, me, here)
         child.close()
         parent.setblocking(False)
         self.pid = pid
@@ -240,6 +286,15 @@ class ForkServer:
             self._sock.send(pickle.dumps(msg))
         except OSError:
             self._dead = True
+
+    def _notify(self, msg: tuple[Any, ...]) -> None:
+        """A message the server may miss: one that has left (drained) or died is not
+        taken for dead here; its end of stream says so."""
+        if self._sock is not None and not self._dead:
+            try:
+                self._sock.send(pickle.dumps(msg))
+            except OSError:
+                pass
 
     def spawn(self, slot: int, serial: int) -> None:
         if self._forking_here:
@@ -273,14 +328,19 @@ class ForkServer:
 
     def on_readable(self, fd: int) -> list[Event]:
         if self._here is not None and self._here.watches(fd):
-            return self._here.on_readable(fd)
+            events = self._here.on_readable(fd)
+            # reaped, its group killed: the server need not kill that group if we die
+            self._notify(("gone", *(event[1] for event in events)))
+            return events
         assert self._sock is not None
-        events: list[Event] = []
+        events = []
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, 1)
+                data, fds, _flags, _addr = _recv_fds(self._sock)
             except (BlockingIOError, InterruptedError):
                 break
+            except ConnectionResetError:
+                continue  # see _recv_fds: what the server sent before it left is still to read
             except OSError:
                 data, fds = b"", []
             if not data:
@@ -289,23 +349,39 @@ class ForkServer:
             msg = pickle.loads(data)
             if msg[0] == "spawned":
                 _, slot, serial, pid = msg
+                self._served.add(pid)
                 events.append(("spawned", slot, serial, pid, socket.socket(fileno=fds[0])))
             else:
                 for extra in fds:
                     os.close(extra)
+                if msg[0] == "exited":
+                    self._served.discard(msg[1])
                 events.append(msg)
         return events
 
     def stop(self) -> None:
+        """Stop the server and wait for it.  After ``drain`` the stop is graceful: the
+        server kills nobody and leaves when its last worker has."""
         if self._here is not None:
             self._here.stop()
         if self._sock is not None:
-            self._send(("stop",))
-            # the server kills what is left and exits; wait for it
+            self._send(("stop", self.draining, self.stop_grace))
+            self._drain_socket()
+            status = 0
             try:
-                os.waitpid(self.pid, 0)
+                status = os.waitpid(self.pid, 0)[1]
             except ChildProcessError:
                 pass
+            if os.WIFSIGNALED(status):
+                # Killed, it could not kill its workers' groups: they died by their parent
+                # death signal, but what their tasks started would live on.  Their pids are
+                # still pinned as process group ids while any such process lives.
+                for pid in self._served:
+                    try:
+                        os.killpg(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            self._served.clear()
             self.ctx.internal_fds.discard(self._sock.fileno())
             self._sock.close()
             self._sock = None
@@ -314,28 +390,71 @@ class ForkServer:
             os.close(self._pidfd)
             self._pidfd = -1
 
+    def _drain_socket(self) -> None:
+        """Read what the server still sends until it exits.  A worker socket still in
+        flight (a worker the supervisor gave up on during its boot, say) is closed here,
+        so that worker sees end of stream and leaves instead of waiting for a frame while
+        the server waits for it."""
+        assert self._sock is not None
+        self._sock.setblocking(True)
+        while True:
+            try:
+                data, fds, _flags, _addr = _recv_fds(self._sock)
+            except (InterruptedError, ConnectionResetError):
+                continue  # see _recv_fds
+            except OSError:
+                return
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                return
+            msg = pickle.loads(data)
+            if msg[0] == "exited":
+                self._served.discard(msg[1])
 
-def _serve(ctx: WorkerContext, sock: socket.socket) -> NoReturn:
+
+def _serve(ctx: WorkerContext, sock: socket.socket, parent_pid: int, here: list[int]) -> NoReturn:
+    children: dict[int, int] = {}  # pid -> pidfd
     code = 0
     try:
-        _serve_loop(ctx, sock)
+        _serve_loop(ctx, sock, parent_pid, set(here), children)
     except BaseException:
         traceback.print_exc()
         code = 1
+        for pid in children:  # they die with us (parent death signal); what their tasks started must too
+            _signal_group(pid, signal.SIGKILL)
     finally:
         os._exit(code)
 
 
-def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
+def _watch_parent(parent_pid: int) -> int | None:
+    """A pidfd on our parent; -1 if it has died already; None if the system has no
+    pidfds (then only the end of the control socket tells)."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        return -1
+    except OSError:
+        return None
+    if os.getppid() != parent_pid:  # it died before we opened the pidfd: that may be another process
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _serve_loop(ctx: WorkerContext, sock: socket.socket, parent_pid: int, here: set[int], children: dict[int, int]) -> None:
+    """The fork server's loop.  ``here``: pids of the workers the caller forked itself,
+    whose process groups this server kills if the caller dies (the supervisor says
+    "gone" once it reaped one; until then its pid cannot be reused)."""
     gc.freeze()  # what the workers inherit through us stays shared (see prepare())
     close_fds(ctx.internal_fds, sock.fileno())
     ctx.internal_fds.clear()
     ctx.internal_fds.add(sock.fileno())
     reset_signals()
     # Signals sent to the caller's process group (Ctrl-C, `timeout`, `kill -- -pgid`) are the
-    # supervisor's to act on; this server leaves when the supervisor's socket closes.  They are
-    # blocked, not ignored: a worker inherits the mask, and a SIGTERM sent to it before it
-    # unblocks (in prepare) stays pending and is delivered then, never lost.
+    # supervisor's to act on; this server leaves when the supervisor stops it or its parent dies.
+    # They are blocked, not ignored: a worker inherits the mask, and a SIGTERM sent to it before
+    # it unblocks (in prepare) stays pending and is delivered then, never lost.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         os.setpgid(0, 0)
@@ -343,8 +462,14 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
         pass
     set_title(f"{ctx.name} forkserver")
     sel = selectors.DefaultSelector()
+    ctx.internal_fds.add(sel.fileno())  # every fd of ours is closed in the workers
     sel.register(sock, selectors.EVENT_READ, None)
-    children: dict[int, int] = {}  # pid -> pidfd
+    # The end of the control socket does not tell that the caller died: a process it forked
+    # later (a multiprocessing child, say) holds its end as well.  Its pidfd does.
+    parent_fd = _watch_parent(parent_pid)
+    if parent_fd is not None and parent_fd >= 0:
+        ctx.internal_fds.add(parent_fd)
+        sel.register(parent_fd, selectors.EVENT_READ, _PARENT)
 
     def reap(pid: int) -> int:
         fd = children.pop(pid)
@@ -354,6 +479,8 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
         return reap_worker(pid)
 
     def send(msg: tuple[Any, ...], fds: list[int] | None = None) -> None:
+        if orphaned:
+            return  # nobody reads: a process the caller forked may hold the socket, so it may block
         data = pickle.dumps(msg)
         if fds:
             socket.send_fds(sock, [data], fds)
@@ -362,12 +489,46 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
 
     running = True
     draining = False
+    orphaned = False
+    kill_at = math.inf  # when the workers still here are killed
+
+    def stop(kill: bool, grace: float = STOP_GRACE) -> None:
+        nonlocal running, kill_at
+        if running:
+            running = False
+            sel.unregister(sock)
+        # a graceful stop kills nobody at once: a worker the supervisor gave up on during its
+        # boot sees the end of its channel and leaves through its finalizer
+        kill_at = min(kill_at, 0.0 if kill else time.monotonic() + grace)
+
+    def orphan() -> None:
+        """The caller died: nothing of the pool may outlive it, nor what its tasks started."""
+        nonlocal orphaned
+        orphaned = True
+        for pid in here:  # workers the caller forked: their group id is pinned while one lives
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        here.clear()
+        stop(kill=True)
+
+    if parent_fd == -1:
+        orphan()
     while running or children:
         if draining and running and not children:
-            running = False  # drained: leave now
-            sel.unregister(sock)
+            stop(kill=False)  # drained: leave now
             continue
-        for key, _ in sel.select(None if running else 0.05):
+        now = time.monotonic()
+        if kill_at <= now:
+            kill_at = math.inf
+            for pid in children:
+                _signal_group(pid, signal.SIGKILL)
+        for key, _ in sel.select(None if kill_at == math.inf else max(0.0, kill_at - now)):
+            if key.data == _PARENT:
+                sel.unregister(key.fd)
+                orphan()
+                continue
             if key.data is not None:  # a child's pidfd
                 pid = key.data
                 status = reap(pid)
@@ -376,14 +537,19 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
                 except OSError:
                     pass
                 continue
+            if not running:
+                continue  # stopped by an earlier event of this same select: read nothing more
             try:
                 data = sock.recv(65536)
             except OSError:
                 data = b""
             if not data:
-                msg: tuple[Any, ...] = ("stop",)
-            else:
-                msg = pickle.loads(data)
+                # The supervisor closes its end only after we have left: the caller died.  This
+                # comes before our parent's pidfd tells (a process's descriptors close before
+                # its exit is reported): we may have reaped every worker and left by then.
+                orphan()
+                continue
+            msg = pickle.loads(data)
             if msg[0] == "spawn":
                 _, slot, serial = msg
                 if draining:
@@ -406,11 +572,13 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket) -> None:
                 _, pid, sig, group = msg
                 if pid in children:
                     _signal_group(pid, sig, group)
+            elif msg[0] == "here":
+                here.update(msg[1])
+            elif msg[0] == "gone":
+                here.difference_update(msg[1:])
             elif msg[0] == "drain":
                 draining = True
             elif msg[0] == "stop" and running:
-                running = False
-                sel.unregister(sock)
-                for pid in list(children):
-                    _signal_group(pid, signal.SIGKILL)
+                _, graceful, grace = msg
+                stop(kill=not graceful, grace=grace)
     sel.close()

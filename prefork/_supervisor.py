@@ -103,6 +103,7 @@ class PoolShutDown(PreforkError, RuntimeError):
 class _Worker:
     __slots__ = (
         "boot_error",
+        "boot_killed",
         "budget",
         "channel",
         "eof",
@@ -139,6 +140,7 @@ class _Worker:
         self.idle_since = now
         self.kill_at = math.inf  # SIGKILL escalation time
         self.stop_sent = False
+        self.boot_killed = False  # killed for taking longer than boot_timeout
         self.lost = False  # its fork server died: no exit status will come
         self.lost_reason = ""  # its channel broke: why
         self.stack_wait = 0.0  # a stack dump was asked for; give up waiting at this time
@@ -272,6 +274,8 @@ class Supervisor:
             self.spawner: ForkServer | DirectSpawner = DirectSpawner(self.ctx)
         else:
             self.spawner = ForkServer(self.ctx)
+            # a graceful stop waits this long for a worker still booting to finish and leave
+            self.spawner.stop_grace = self.boot_timeout
         self._spawner_fds: set[int] = set()
         self._started = False
         self._cancels: deque[Task] = deque()  # running tasks to stop (KillableFuture.cancel)
@@ -561,7 +565,7 @@ class Supervisor:
         for w in self._workers.values():
             if w.kill_at < math.inf:
                 wait = min(wait, w.kill_at - now)
-            if w.state == BOOTING and not w.stop_sent:
+            if w.state == BOOTING and not w.boot_killed:
                 wait = min(wait, w.spawned_at + self.boot_timeout - now)
         if self._closing:
             wait = min(wait, 0.05)
@@ -621,6 +625,7 @@ class Supervisor:
         self.spawner.stop()
         if restart:
             self.spawner = ForkServer(self.ctx)
+            self.spawner.stop_grace = self.boot_timeout
             self.spawner.start()
         self.spawner.adopt(here)
         self._sync_spawner_fds()
@@ -932,8 +937,8 @@ class Supervisor:
             if w.kill_at <= now and w.pid:
                 self.spawner.signal(w.pid, signal.SIGKILL)
                 w.kill_at = math.inf
-            if w.state == BOOTING and now - w.spawned_at > self.boot_timeout and not w.stop_sent:
-                w.stop_sent = True
+            if w.state == BOOTING and now - w.spawned_at > self.boot_timeout and not w.boot_killed:
+                w.boot_killed = w.stop_sent = True  # also when it was asked to stop: it cannot hear that yet
                 w.boot_error = w.boot_error or f"the worker did not finish booting within boot_timeout = {self.boot_timeout:g} s"
                 if w.pid:
                     self.spawner.signal(w.pid, signal.SIGKILL)

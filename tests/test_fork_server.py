@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -37,7 +38,11 @@ def test_the_first_worker_is_the_callers_child_and_the_others_the_fork_servers()
         first = ex.pids()
         for _ in range(4):  # every worker recycled: the replacements all come from the server
             ex.submit(int).result(10)
-        wait_until(lambda: not set(ex.pids()) & set(first) and ex.stats()["idle"] == 2, what="replacements")
+        # the last recycled worker may still be leaving (listed by pids()): wait until it has left
+        wait_until(
+            lambda: not set(ex.pids()) & set(first) and ex.stats()["idle"] == 2 and len(ex.pids()) == 2,
+            what="replacements",
+        )
         assert all(parent_of(pid) == server for pid in ex.pids())
 
 
@@ -85,6 +90,55 @@ def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(prefork_subreaper
     finally:
         ex.shutdown()
     wait_until(lambda: reaped(served), what="the orphaned worker to be reaped")
+
+
+def sleep_child_then_wait(out: str, gate: str) -> int:
+    """Start `sleep 60` (in this worker's process group), report both pids, wait for ``gate``."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        path = os.path.join(out, f"task-{os.getpid()}")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(child.pid))
+        os.rename(path + ".tmp", path)
+        return wait_for_file(gate, 30)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_what_the_tasks_of_a_dead_fork_servers_workers_started_is_killed(prefork_subreaper: None, tmp_path: Path) -> None:
+    """The server's workers die with it (parent death signal), too fast to kill their
+    own process groups: the supervisor kills those groups, so a task's subprocess
+    does not outlive its worker."""
+    gate = str(tmp_path / "gate")
+    ex = prefork.Executor(2, overrides={"pool.prefetch": 1})
+    orphans: list[int] = []
+    try:
+        futures = [ex.submit(sleep_child_then_wait, str(tmp_path), gate) for _ in range(2)]
+        wait_until(lambda: len(list(tmp_path.glob("task-*[0-9]"))) == 2, what="both tasks running")
+        sleeps = {int(p.name.split("-")[1]): int(p.read_text()) for p in tmp_path.glob("task-*[0-9]")}
+        server = ex._sup.spawner.pid
+        (served,) = [w for w in sleeps if parent_of(w) == server]
+        (here,) = [w for w in sleeps if w != served]
+        orphans = [served, sleeps[served]]
+        os.kill(server, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(sleeps[served]), timeout=5, what="the served worker's sleep to be killed")
+        assert pid_alive(sleeps[here])  # the worker forked here, and its task, live on
+        Path(gate).touch()
+        results = []
+        for fut in futures:
+            try:
+                results.append(fut.result(10))
+            except prefork.WorkerLost:
+                results.append(None)
+        assert sorted(results, key=str) == sorted([here, None], key=str)
+    finally:
+        Path(gate).touch()
+        ex.shutdown()
+        for pid in orphans:  # re-parented to this subreaper
+            if pid_alive(pid):  # only when the test failed
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda pid=pid: reaped(pid), what=f"{pid} to be reaped")
 
 
 LOCK = threading.Lock()
