@@ -135,6 +135,7 @@ class BossWorker:
         self._order: list[int] = []  # ids in submission order, for ``ordered``
         self._held: dict[int, Outcome] = {}  # finished out of order, for ``ordered``
         self._closed = False
+        config.require("sink", "queue", by="a BossWorker (results come back through get_result)")
         self._sink = _BossSink(self._finished)
         self._sup = Supervisor(config, sink=self._sink)
         self._sup.start()

@@ -34,7 +34,7 @@ from prefork._hooks import hookimpl
 from prefork._supervisor import Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
-from prefork.errors import error_text
+from prefork.errors import ConfigError, error_text
 from prefork.strategies.resolver import MethodResolver, XmlRpcResolver, import_object
 from prefork.strategies.sink import CallbackSink
 
@@ -179,6 +179,7 @@ class Dispatcher:
 
     def _setup(self, config_obj: Config, upon_result: Callable[..., Any] | None) -> None:
         opts = config_obj.dispatcher
+        config_obj.require("sink", "callback", honoured=("callback",), by="a Dispatcher (results go to upon_result)")
         self.alias = opts.alias
         self._upon_result = upon_result
         if self._upon_result is None and config_obj.sink.name == "callback":
@@ -188,8 +189,14 @@ class Dispatcher:
         self._talk = _Talkback(opts.alias, opts.verbose, import_object(line) if isinstance(line, str) else line)
         resolver = config_obj.create("resolver")
         if opts.xmlrpc_server_parent:
+            if not hasattr(resolver, "extra"):
+                raise ConfigError(
+                    f"{config_obj.sources.get('dispatcher.xmlrpc_server_parent', 'config')}: dispatcher.xmlrpc_server_parent "
+                    f"= {opts.xmlrpc_server_parent!r}: needs the 'chain' resolver, which tries the server parent last; "
+                    f"resolver.name = {config_obj.resolver.name!r} has no place for it"
+                )
             parent = XmlRpcResolver(opts.xmlrpc_server_parent)
-            resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent)) if hasattr(resolver, "extra") else resolver
+            resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent))
         pm = config_obj.plugin_manager
         pm.register(_SpecialMethods(resolver), name=f"dispatcher-special-methods-{id(self)}")
         pm.register(self._talk, name=f"dispatcher-talkback-{id(self)}")

@@ -299,13 +299,15 @@ def _strategy(registry: StrategyRegistry, layers: _Layers, kind: str) -> Strateg
     return StrategySpec(kind=kind, name=name, options=options)
 
 
-def _choose_profile(file_data: Mapping[str, Any], overrides: Mapping[str, Any], path_source: str) -> tuple[str, str]:
+def _choose_profile(
+    file_data: Mapping[str, Any], overrides: Mapping[str, Any], path_source: str, default: str = DEFAULT_PROFILE
+) -> tuple[str, str]:
     if "profile" in overrides:
         chosen, source = overrides["profile"], KEYWORDS
     elif "profile" in file_data:
         chosen, source = file_data["profile"], path_source
     else:
-        return DEFAULT_PROFILE, "defaults"
+        return default, "defaults"
     names = profile_names()
     if not isinstance(chosen, str) or chosen not in names:
         hint = did_you_mean(chosen, names) if isinstance(chosen, str) else ""
@@ -319,18 +321,19 @@ def load_facade_config(
     overrides: Mapping[str, Any] | None,
     settings: Mapping[str, Any],
 ) -> Config:
-    """A facade's config: its ``profile`` (unless a file is given, which names its own),
+    """A facade's config: its ``profile`` (unless the file or ``overrides`` name another),
     the file, then ``overrides``, then the facade's keyword ``settings`` (dotted keys;
     ``None`` values are left out, so only the arguments given override)."""
     kw: dict[str, Any] = dict(overrides or {})
-    if path is None:
-        kw.setdefault("profile", profile)
     kw.update((key, value) for key, value in settings.items() if value is not None)
-    return load_config(path, kw)
+    return load_config(path, kw, default_profile=profile)
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    default_profile: str = DEFAULT_PROFILE,
 ) -> Config:
     """The validated :class:`Config`: the profile, then the file at ``path``, then ``overrides``.
 
@@ -341,7 +344,7 @@ def load_config(
     file_source = os.fsdecode(path) if path is not None else ""
     file_data = _normalize(_read_file(path, file_source), file_source) if path is not None else {}
     keyword_data = _normalize(_expand(overrides or {}), KEYWORDS)
-    profile, profile_source = _choose_profile(file_data, keyword_data, file_source)
+    profile, profile_source = _choose_profile(file_data, keyword_data, file_source, default_profile)
 
     layers = _Layers(fallback=f"profile {profile!r}")
     profile_data = _plain(_profile_layer(profile, layers.fallback))

@@ -365,6 +365,12 @@ class MPMConfig:
         metadata=_doc("host:port that `prefork serve` listens on (port 0: any free port)"),
     )
     backlog: int = attrs.field(default=128, validator=_int_ge(1), metadata=_doc("listen() backlog of `prefork serve`"))
+    read_timeout: float = attrs.field(
+        default=30.0, converter=_as_float, validator=_seconds(0),
+        metadata=_doc("seconds a read or write on a `prefork serve` connection may wait: the socket timeout set "
+                      "before handle(conn, addr), whose waits then raise TimeoutError (socket.timeout), so idle "
+                      "clients cannot hold every child (0: none)"),
+    )
 
 
 #: The plain tables of a config file and the class of each.
@@ -468,6 +474,22 @@ class Config:
     def create(self, kind: str) -> Any:
         """A new instance of the configured ``kind`` strategy, each call."""
         return self.spec(kind).create(self.registry)
+
+    def require(self, kind: str, name: str, honoured: tuple[str, ...] = (), by: str = "") -> None:
+        """A facade that fixes the ``kind`` strategy to ``name`` refuses a config that asks
+        for another, or for an option of it the facade does not honour: never ignored."""
+        spec = self.spec(kind)
+        by = by or f"the {self.profile} profile"
+        if spec.name != name:
+            where = self.sources.get(f"{kind}.name", "config")
+            raise ConfigError(f"{where}: {kind}.name = {spec.name!r}: {by} works with its own {name!r} {kind} "
+                              f"and cannot use another; remove [{kind}] from the config")
+        ignored = sorted(set(spec.options) - set(honoured))
+        if ignored:
+            key = f"{kind}.{ignored[0]}"
+            raise ConfigError(f"{self.sources.get(key, 'config')}: {key} = {spec.options[ignored[0]]!r}: "
+                              f"{by} does not take this option from the config"
+                              + (f" (it takes: {', '.join(honoured)})" if honoured else ""))
 
     def to_toml(self) -> str:
         """The whole configuration as TOML text that :func:`load_config` reads back."""

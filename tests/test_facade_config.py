@@ -1,0 +1,70 @@
+"""A facade honours every setting it accepts, or refuses it with one clear line.
+
+``[sink]`` in a prefork.toml used to be silently ignored by BossWorker,
+Dispatcher and Executor (``config.sink`` said one thing, the facade used
+another); a dispatcher's ``xmlrpc_server_parent`` was dropped without a word
+with a resolver other than ``chain``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prefork import BossWorker, Dispatcher
+from prefork.errors import ConfigError
+
+
+def echo(job: object) -> object:
+    return job
+
+
+def handler(sender: object, x: int) -> int:
+    return x
+
+
+def _toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "prefork.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_boss_worker_refuses_another_sink(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[sink]\nname = "callback"\n')
+    with pytest.raises(ConfigError) as info:
+        BossWorker(work_handler=echo, worker_count=1, config=path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: sink.name = 'callback': a BossWorker") and "remove [sink]" in text
+    assert "\n" not in text
+
+
+def test_a_dispatcher_refuses_another_sink(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sink.name = 'queue': a Dispatcher"):
+        Dispatcher(methods={"h": handler}, max_forks=1, config=_toml(tmp_path, '[sink]\nname = "queue"\n'))
+
+
+def test_a_file_without_a_profile_gets_the_facades_profile(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[dispatcher]\nalias = "mine"\n')
+    with Dispatcher(methods={"h": handler}, max_forks=1, config=path) as d:
+        assert d._sup.config.profile == "dispatcher" and d._sup.config.scaling.name == "on-demand"
+
+
+GOT: list[object] = []
+
+
+def record(request: object, response: object) -> None:
+    GOT.append(response)
+
+
+def test_a_dispatcher_takes_its_callback_from_the_sink_table(tmp_path: Path) -> None:
+    path = _toml(tmp_path, f'[sink]\nname = "callback"\ncallback = "{__name__}:record"\n')
+    with Dispatcher(methods={"h": handler}, max_forks=1, config=path) as d:
+        d.new_request({"method_name": "h", "params": [7]})
+    assert GOT == [7]
+
+
+def test_xmlrpc_server_parent_without_a_chain_resolver_is_refused(tmp_path: Path) -> None:
+    path = _toml(tmp_path, '[dispatcher]\nxmlrpc_server_parent = "http://127.0.0.1:9/RPC2"\n[resolver]\nname = "methods"\n')
+    with pytest.raises(ConfigError, match=r"xmlrpc_server_parent = 'http://127.0.0.1:9/RPC2': needs the 'chain' resolver"):
+        Dispatcher(max_forks=1, config=path)
