@@ -151,6 +151,7 @@ class DirectSpawner:
         self.ctx = ctx
         self._pidfds: dict[int, int] = {}  # pidfd -> pid
         self._ready: list[Event] = []
+        self._spent: list[int] = []  # pidfds of reaped workers, closed once the caller stopped watching them
 
     def start(self) -> None:
         pass
@@ -186,9 +187,19 @@ class DirectSpawner:
 
     def on_readable(self, fd: int) -> list[Event]:
         pid = self._pidfds.pop(fd)
-        self.ctx.internal_fds.discard(fd)
-        os.close(fd)
+        # Not closed yet: the caller's selector must forget it first.  A pidfd closed while
+        # still registered stays in the epoll set as long as a new worker forked meanwhile
+        # holds a copy; its number, reused by the next pidfd, then reports the old exit
+        # for the new worker (whose waitpid would block).
+        self._spent.append(fd)
         return [("exited", pid, reap_worker(pid))]
+
+    def close_spent(self) -> None:
+        """Close the pidfds of reaped workers (call after unregistering them)."""
+        for fd in self._spent:
+            self.ctx.internal_fds.discard(fd)
+            os.close(fd)
+        self._spent.clear()
 
     def signal(self, pid: int, sig: int, group: bool = True) -> None:
         if self.owns(pid):
@@ -204,6 +215,7 @@ class DirectSpawner:
             os.close(fd)
             self.ctx.internal_fds.discard(fd)
         self._pidfds.clear()
+        self.close_spent()
 
 
 class ForkServer:
@@ -313,6 +325,11 @@ class ForkServer:
     def take_ready(self) -> list[Event]:
         ready, self._ready = self._ready, []
         return ready + self._here.take_ready() if self._here is not None else ready
+
+    def close_spent(self) -> None:
+        """Close the pidfds of reaped workers forked here (after the caller unregistered them)."""
+        if self._here is not None:
+            self._here.close_spent()
 
     def forked_here(self, pid: int) -> bool:
         return self._here is not None and self._here.owns(pid)

@@ -46,7 +46,7 @@ from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
-from prefork.errors import PoolBroken, PreforkError, TaskTimeout, WorkerLost, describe_status
+from prefork.errors import PoolBroken, PoolShutDown, PreforkError, TaskTimeout, WorkerLost, describe_status
 from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import Decision, PoolStats
 
@@ -94,10 +94,6 @@ def _shutdown_all() -> None:
         end = time.monotonic() + KILL_WAIT
         for sup in pools:
             sup.join(max(0.0, end - time.monotonic()))
-
-
-class PoolShutDown(PreforkError, RuntimeError):
-    """The pool was shut down; no new task is accepted."""
 
 
 class _Worker:
@@ -587,6 +583,7 @@ class Supervisor:
         fds = set(self.spawner.fds())
         for fd in self._spawner_fds - fds:
             self._sel.unregister(fd)
+        self.spawner.close_spent()  # only now: an fd is closed after the selector forgot it
         for fd in fds - self._spawner_fds:
             self._sel.register(fd, selectors.EVENT_READ, self._on_spawner_readable)
         self._spawner_fds = fds
