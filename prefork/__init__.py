@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefork._hooks import hookimpl
-from prefork._supervisor import PoolShutDown
 from prefork._task import Task, WorkerInfo
 from prefork._worker import WorkerHandle, current_worker
 from prefork.config import Config, load_config
@@ -17,7 +16,9 @@ from prefork.errors import (
     MethodNotFound,
     PluginError,
     PoolBroken,
+    PoolShutDown,
     PreforkError,
+    QueueFull,
     RemoteTaskError,
     TaskTimeout,
     WorkerLost,
@@ -78,7 +79,7 @@ def __getattr__(name: str) -> Any:
         from prefork import dispatcher
 
         return getattr(dispatcher, name)
-    if name in ("BossWorker", "QueueFull"):
+    if name == "BossWorker":
         from prefork import bossworker
 
         return getattr(bossworker, name)

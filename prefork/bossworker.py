@@ -20,18 +20,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any
 
-from prefork._supervisor import PoolShutDown, Supervisor
+from prefork._supervisor import Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
-from prefork.errors import ConfigError, PreforkError, error_text
+from prefork.errors import ConfigError, PoolShutDown, QueueFull, error_text
 from prefork.strategies.resolver import import_object
 from prefork.strategies.sink import Outcome, QueueSink
 
 __all__ = ["BossWorker", "QueueFull"]
-
-
-class QueueFull(PreforkError):
-    """``add_work`` found ``max_pending`` jobs outstanding and ``when_full = "raise"``."""
 
 
 class _BossSink(QueueSink):

@@ -13,11 +13,15 @@ from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
     "ConfigError",
+    "CorruptStream",
+    "FrameTooLarge",
     "MethodNotFound",
     "OptionError",
     "PluginError",
     "PoolBroken",
+    "PoolShutDown",
     "PreforkError",
+    "QueueFull",
     "RemoteTaskError",
     "TaskTimeout",
     "WorkerLost",
@@ -39,7 +43,7 @@ class ConfigError(PreforkError, ValueError):
     option: OptionError | None = None
 
 
-class OptionError(ValueError):
+class OptionError(PreforkError, ValueError):
     """Raised by a strategy's validators: which option, what value, why.
 
     The config loader turns it into a :class:`ConfigError` that also names the
@@ -51,6 +55,9 @@ class OptionError(ValueError):
         self.key = key
         self.value = value
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[OptionError], tuple[str, object, str]]:
+        return (type(self), (self.key, self.value, self.reason))
 
 
 class PluginError(PreforkError):
@@ -130,6 +137,7 @@ class WorkerLost(PreforkError, BrokenProcessPool):
             else:
                 self.exitcode = (status >> 8) & 0xFF
         self.hint = _HINTS.get(self.signal_name or "", "")
+        self.detail = detail
         where = "while running the task" if started else "before the task started"
         text = f"worker {pid} died {where} ({how})"
         if self.hint:
@@ -138,12 +146,28 @@ class WorkerLost(PreforkError, BrokenProcessPool):
             text += f"; {detail}"
         super().__init__(text)
 
-    def __reduce__(self) -> tuple[type[WorkerLost], tuple[int, int | None, bool]]:
-        return (type(self), (self.pid, self.status, self.started))
+    def __reduce__(self) -> tuple[type[WorkerLost], tuple[int, int | None, bool, str]]:
+        return (type(self), (self.pid, self.status, self.started, self.detail))
 
 
 class PoolBroken(PreforkError, BrokenProcessPool):
     """The pool cannot run tasks any more (workers fail to boot, again and again)."""
+
+
+class PoolShutDown(PreforkError, RuntimeError):
+    """The pool was shut down; no new task is accepted."""
+
+
+class QueueFull(PreforkError):
+    """``add_work`` found ``max_pending`` jobs outstanding and ``when_full = "raise"``."""
+
+
+class FrameTooLarge(PreforkError, ValueError):
+    """A frame is larger than the transport's ``max_frame``."""
+
+
+class CorruptStream(PreforkError, ConnectionError):
+    """The bytes on a channel are not frames: someone else wrote into the socket."""
 
 
 class TaskTimeout(PreforkError, TimeoutError):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 import attrs
 
 from prefork._hooks import hookimpl
-from prefork.errors import OptionError
+from prefork.errors import CorruptStream, FrameTooLarge, OptionError
 
 
 class ParentChannel(Protocol):
@@ -92,12 +92,6 @@ KEEP_BUFFER: Final = 64 * 2**20  #: a receive buffer up to this size is kept for
 Frame = bytes | bytearray | memoryview
 
 
-class FrameTooLarge(ValueError):
-    pass
-
-
-class CorruptStream(ConnectionError):
-    """The bytes on a channel are not frames: someone else wrote into the socket."""
 
 
 def _head(size: int) -> bytes:

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 import prefork
-from prefork._supervisor import PoolShutDown, Supervisor
+from prefork import PoolShutDown
+from prefork._supervisor import Supervisor
 from prefork.config import load_config
 from prefork.testing import pid_alive, wait_until
 
