@@ -95,6 +95,8 @@ class Executor(_StdExecutor):
                 )
         else:
             config = load_config(config, kw)
+        config.require("sink", "future", honoured=("cancel_running",), by="an Executor (results come back as futures)")
+        cancel_running = cancel_running or bool(config.sink.options.get("cancel_running", False))
         self._sup = Supervisor(
             config, sink=FutureSink(cancel_running=cancel_running), initializer=initializer,
             initargs=tuple(initargs) if initializer else None,

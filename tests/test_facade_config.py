@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prefork import BossWorker, Dispatcher
+from prefork import BossWorker, Dispatcher, Executor
 from prefork.errors import ConfigError
 
 
@@ -68,3 +68,11 @@ def test_xmlrpc_server_parent_without_a_chain_resolver_is_refused(tmp_path: Path
     path = _toml(tmp_path, '[dispatcher]\nxmlrpc_server_parent = "http://127.0.0.1:9/RPC2"\n[resolver]\nname = "methods"\n')
     with pytest.raises(ConfigError, match=r"xmlrpc_server_parent = 'http://127.0.0.1:9/RPC2': needs the 'chain' resolver"):
         Dispatcher(max_forks=1, config=path)
+
+
+def test_an_executor_refuses_another_sink_and_takes_cancel_running_from_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sink.name = 'queue': an Executor"):
+        Executor(1, config=_toml(tmp_path, '[sink]\nname = "queue"\n'))
+    path = _toml(tmp_path, '[sink]\nname = "future"\ncancel_running = true\n[scaling]\nworkers = 1\n')
+    with Executor(config=path) as ex:
+        assert ex._sup.one_at_a_time  # cancel() of a running future kills its worker, as asked
