@@ -63,3 +63,35 @@ def test_every_kind_has_builtins() -> None:
     assert set(_all("resolver")) == {"methods", "classes", "import", "chain", "xmlrpc"}
     assert set(_all("sink")) == {"callback", "queue", "future"}
     assert set(_all("transport")) == {"pipe"}
+
+
+def test_a_strategy_lacking_what_the_core_uses_is_refused_at_registration() -> None:
+    """A serializer without ``objects`` used to pass every successful task and crash the
+    worker on the first task that raised (exit code 4); now registration names what is missing."""
+    from prefork.errors import PluginError
+    from prefork.strategies.registry import StrategyRegistry
+
+    class ZPickle:
+        name = "zpickle"
+
+        def dumps(self, obj: Any) -> bytes:
+            return b""
+
+        def loads(self, data: bytes) -> Any:
+            return None
+
+    class Policy:
+        name = "mine"
+
+        def decide(self, stats: Any) -> Any:
+            return None
+
+    registry = StrategyRegistry()
+    registry._set_plugin("myplugin")
+    with pytest.raises(PluginError, match=r"serializer 'zpickle' \(plugin 'myplugin'.*\) lacks `objects`: a serializer strategy needs `objects`, `dumps`, `loads`"):
+        registry.register("serializer", ZPickle)
+    with pytest.raises(PluginError, match=r"scaling 'mine' .* lacks `max_workers`"):
+        registry.register("scaling", Policy)
+    ZPickle.objects = True  # type: ignore[attr-defined]
+    registry.register("serializer", ZPickle)
+    assert registry.get("serializer", "zpickle") is ZPickle

@@ -25,6 +25,16 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: what the core uses of each kind of strategy: a class lacking one cannot be registered
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "scaling": ("max_workers", "decide"),
+    "transport": ("socketpair", "parent_channel", "child_channel"),
+    "serializer": ("objects", "dumps", "loads"),
+    "resolver": ("resolve",),
+    "sink": ("attach", "claim", "deliver"),
+}
+
+
 @attrs.frozen
 class Registration:
     kind: str
@@ -58,6 +68,13 @@ class StrategyRegistry:
             raise PluginError(
                 f"plugin {self._current_plugin!r} registered {cls!r} as a {kind} strategy "
                 "without a name (give name= or a class attribute `name`)"
+            )
+        missing = [member for member in REQUIRED.get(kind, ()) if not hasattr(cls, member)]
+        if missing:
+            raise PluginError(
+                f"{kind} {key_name!r} (plugin {self._current_plugin!r}, {getattr(cls, '__qualname__', cls)!r}) lacks "
+                + ", ".join(f"`{m}`" for m in missing)
+                + f": a {kind} strategy needs {', '.join(f'`{m}`' for m in REQUIRED[kind])} (see docs/plugins.md)"
             )
         old = self._entries.get((kind, key_name))
         if old is not None:
