@@ -47,6 +47,7 @@ from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError, TaskTimeout, WorkerLost, describe_status
+from prefork.plugins import pool_plugin_manager
 from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import Decision, PoolStats
 
@@ -153,6 +154,7 @@ class Supervisor:
     profile): each runs ``body(*body_args)`` and reports busy/idle through the
     scoreboard; ``return_in_child`` (direct forks only) makes a new worker return
     into the caller's code instead (``ForkedChild`` is raised in the child).  ``threaded=False`` leaves the loop to the caller (``step``).
+    ``plugins`` are hook implementations for this pool alone (a facade's own).
     """
 
     def __init__(
@@ -168,10 +170,12 @@ class Supervisor:
         body_args: tuple[Any, ...] = (),
         child_signals: dict[int, Any] | None = None,
         return_in_child: bool = False,
+        plugins: tuple[object, ...] = (),
     ) -> None:
         self.config = config
         pool = config.pool
-        self.pm = config.plugin_manager
+        # plugins of this pool alone get a plugin manager of its own: the config's is shared
+        self.pm = pool_plugin_manager(config.plugin_manager, plugins) if plugins else config.plugin_manager
         self.hook = self.pm.hook
         self.policy = config.create("scaling")
         self.serializer = config.create("serializer")

@@ -197,10 +197,9 @@ class Dispatcher:
                 )
             parent = XmlRpcResolver(opts.xmlrpc_server_parent)
             resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent))
-        pm = config_obj.plugin_manager
-        pm.register(_SpecialMethods(resolver), name=f"dispatcher-special-methods-{id(self)}")
-        pm.register(self._talk, name=f"dispatcher-talkback-{id(self)}")
-        self._sup = Supervisor(config_obj, sink=CallbackSink(self._deliver), resolver=resolver)
+        self._sup = Supervisor(
+            config_obj, sink=CallbackSink(self._deliver), resolver=resolver, plugins=(_SpecialMethods(resolver), self._talk),
+        )
         self._sup.start()
         self._talk.say(logging.INFO, f"dispatcher started ({config_obj.scaling.name} scaling)")
 

@@ -117,6 +117,25 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
     return pm
 
 
+def pool_plugin_manager(base: pluggy.PluginManager, plugins: Sequence[object]) -> pluggy.PluginManager:
+    """A plugin manager for one pool: every plugin of ``base``, in the same order, then
+    ``plugins`` (objects a facade registers for this pool alone, such as the
+    dispatcher's special methods).  ``base`` (the config's, which other pools built
+    from the same config share) is left as it was."""
+    pm = _Manager(NAME)
+    pm.add_hookspecs(hookspecs)
+    for name, plugin in base.list_name_plugin():
+        if plugin is not None:
+            pm.register(plugin, name=name)
+    for plugin in plugins:
+        _register(pm, plugin, None)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"{exc} (hooks are listed in prefork.hookspecs)") from exc
+    return pm
+
+
 @lru_cache(maxsize=8)
 def _installed_entry_points(path: tuple[str, ...]) -> tuple[importlib.metadata.EntryPoint, ...]:
     """The ``prefork`` entry points of the distributions on ``path`` (``sys.path``).

@@ -76,3 +76,30 @@ def test_an_executor_refuses_another_sink_and_takes_cancel_running_from_the_file
     path = _toml(tmp_path, '[sink]\nname = "future"\ncancel_running = true\n[scaling]\nworkers = 1\n')
     with Executor(config=path) as ex:
         assert ex._sup.one_at_a_time  # cancel() of a running future kills its worker, as asked
+
+
+def test_dispatchers_from_one_config_keep_their_hooks_to_themselves(tmp_path: Path) -> None:
+    """Three Dispatchers built from one Config used to leave six plugins on the shared
+    plugin manager, and each pool's special methods ran once per dispatcher made."""
+    from prefork.config import load_config
+
+    calls = tmp_path / "precalls"
+
+    config = load_config(None, {"profile": "dispatcher", "scaling.pre_fork": 1, "scaling.max_forks": 1,
+                                "resolver.methods": {"h": f"{__name__}:handler", "_precall": f"{__name__}:count_precall"},
+                                "dispatcher.talkback": f"{__name__}:quiet"})
+    before = config.plugin_manager.list_name_plugin()
+    for _ in range(3):
+        with Dispatcher.from_config(config) as d:
+            d.new_request({"method_name": "h", "params": [1], "from": str(calls)})
+    assert config.plugin_manager.list_name_plugin() == before
+    assert calls.read_text() == "x" * 3  # once per request, not 1 + 2 + 3
+
+
+def count_precall(sender: str, *params: object) -> None:
+    with open(sender, "a") as f:
+        f.write("x")
+
+
+def quiet(line: str) -> None:
+    pass
