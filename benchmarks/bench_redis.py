@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -73,6 +75,7 @@ def start_hosts(n: int, url: str, app: str, workdir: Path) -> list[subprocess.Po
             f'name = "bench-host{i}"\napp = "prefork_redis:serve"\nplugins = ["prefork_redis"]\n'
             '[scaling]\nname = "fixed"\nworkers = 1\n'
             f'[transport]\nname = "redis"\nurl = "{url}"\nstream = "{app}"\nblock_ms = 100\n'
+            '[resolver]\nname = "allow"\nallow = ["operator:add"]\n'
         )
         hosts.append(subprocess.Popen([sys.executable, "-m", "prefork", "run", "--config", str(config)], cwd=workdir))
     return hosts
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", default=str(HERE / "results" / "redis.json"))
     args = p.parse_args(argv)
+    # hosts and clients need one HMAC key (prefork-redis refuses unsigned tasks); the hosts inherit it
+    os.environ.setdefault("PREFORK_REDIS_SECRET", secrets.token_hex(32))
     if args.quick:
         args.rounds, args.tasks, args.trips, args.supervisors = 1, 200, 50, "1,2"
     counts = [int(n) for n in args.supervisors.split(",")]

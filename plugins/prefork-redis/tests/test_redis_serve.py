@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -18,11 +19,14 @@ import pytest
 import redis
 from prefork_redis import Client, DeadLettered, DispatcherClient, RemoteError, serve
 from prefork_redis.errors import BrokerError
+from redis_support import SECRET, host_env
 
 import prefork
 from prefork.testing import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
+#: what the tests' hosts let remote tasks call
+ALLOW = ["operator:*", "math:*", "posixpath:join", "time:sleep", "hosttasks:*", f"{__name__}:whoami"]
 
 
 @pytest.fixture
@@ -32,7 +36,8 @@ def url(redis_port: int) -> str:
 
 def _pool(url: str, app: str, **transport: Any) -> prefork.Executor:
     overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
-                 "transport.stream": app, "transport.lease_ms": 900, "transport.block_ms": 200}  # fmt: skip
+                 "transport.stream": app, "transport.lease_ms": 900, "transport.block_ms": 200,
+                 "transport.secret": SECRET, "resolver.name": "allow", "resolver.allow": ALLOW}  # fmt: skip
     overrides.update({f"transport.{k}": v for k, v in transport.items()})
     return prefork.Executor(2, overrides=overrides)
 
@@ -67,7 +72,7 @@ def test_tasks_from_a_client_run_in_the_pool_and_each_answer_comes_back_once(
     host: Any, url: str, app: str, client: Any
 ) -> None:
     host()
-    with Client(url, app) as hosts:
+    with Client(url, app, secret=SECRET) as hosts:
         futures = [hosts.submit("operator:mul", i, 3) for i in range(40)]
         assert [f.result(timeout=20) for f in futures] == [i * 3 for i in range(40)]
         assert list(hosts.map("operator:add", [1, 2], [10, 20])) == [11, 22]
@@ -77,7 +82,7 @@ def test_tasks_from_a_client_run_in_the_pool_and_each_answer_comes_back_once(
 
 def test_an_exception_on_a_host_reaches_the_client_with_its_type_and_traceback(host: Any, url: str, app: str) -> None:
     host()
-    with Client(url, app) as hosts, pytest.raises(RemoteError) as info:
+    with Client(url, app, secret=SECRET) as hosts, pytest.raises(RemoteError) as info:
         hosts.submit("math:sqrt", -1).result(timeout=20)
     assert info.value.type_name == "ValueError"
     assert "math domain error" in info.value.message and "Traceback" in info.value.remote_traceback
@@ -85,7 +90,7 @@ def test_an_exception_on_a_host_reaches_the_client_with_its_type_and_traceback(h
 
 def test_a_malformed_task_is_answered_with_an_error_saying_what_was_wrong(host: Any, url: str, app: str) -> None:
     host()
-    with Client(url, app) as hosts:
+    with Client(url, app, secret=SECRET) as hosts:
         hosts._futures["raw-1"] = future = Future()  # waits for the answer to a task sent by hand
         hosts.broker.submit("raw-1", 42, hosts.client_id)  # not {"method": ..., ...}
         with pytest.raises(RemoteError, match=re.escape('a task is {"method"')):
@@ -96,8 +101,8 @@ def test_a_task_that_kills_its_worker_is_retried_then_dead_lettered(
     host: Any, url: str, app: str, client: Any
 ) -> None:
     pool = host(max_deliveries=2)
-    with Client(url, app) as hosts:
-        doomed = hosts.submit("os:_exit", 3)
+    with Client(url, app, secret=SECRET) as hosts:
+        doomed = hosts.submit("hosttasks:die")
         fine = hosts.submit("operator:add", 1, 1)
         assert fine.result(timeout=20) == 2
         with pytest.raises(DeadLettered):
@@ -119,7 +124,8 @@ def test_a_second_host_takes_the_tasks_of_a_host_that_stopped_renewing(
         "from prefork_redis import serve\n"
         "pool = prefork.Executor(1, overrides={'plugins': ['prefork_redis'], 'transport.name': 'redis',\n"
         f"    'transport.url': {url!r}, 'transport.stream': {app!r}, 'transport.lease_ms': 600,\n"
-        "    'transport.block_ms': 100})\n"
+        f"    'transport.block_ms': 100, 'transport.secret': {SECRET!r}, 'resolver.name': 'allow',\n"
+        "    'resolver.allow': ['time:sleep', 'operator:add']})\n"
         "print('up', flush=True)\n"
         "serve(pool)\n"
     )
@@ -128,7 +134,7 @@ def test_a_second_host_takes_the_tasks_of_a_host_that_stopped_renewing(
         a = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
     try:
         assert a.stdout is not None and a.stdout.readline().strip() == "up"
-        with Client(url, app) as hosts:
+        with Client(url, app, secret=SECRET) as hosts:
             slow = hosts.submit("time:sleep", 1.5)
             holder = wait_until(lambda: _holder(client, app), timeout=10, what="host A to take the task")
             assert f":{a.pid}:" in holder  # host:pid:nonce
@@ -165,7 +171,7 @@ def test_serve_needs_the_redis_transport() -> None:
 
 
 def test_a_function_of_main_cannot_travel_by_name(url: str, app: str) -> None:
-    with Client(url, app) as hosts, pytest.raises(TypeError, match="cannot travel by name"):
+    with Client(url, app, secret=SECRET) as hosts, pytest.raises(TypeError, match="cannot travel by name"):
         hosts.submit(lambda x: x, 1)
 
 
@@ -177,7 +183,8 @@ def _host_config(tmp_path: Path, name: str, url: str, app: str) -> Path:
         'plugins = ["prefork_redis"]\n'
         "[scaling]\nname = \"fixed\"\nworkers = 2\n"
         f'[transport]\nname = "redis"\nurl = "{url}"\nstream = "{app}"\nlease_ms = 800\nblock_ms = 200\n'
-        "max_deliveries = 2\n"
+        f'max_deliveries = 2\nsecret = "{SECRET}"\n'
+        '[resolver]\nname = "allow"\nallow = ["time:sleep", "operator:mul", "hosttasks:die"]\n'
     )
     return path
 
@@ -188,15 +195,15 @@ def test_two_hosts_by_prefork_run_one_killed_mid_task_every_task_answered_once(
     hosts_ = {
         name: subprocess.Popen(
             [sys.executable, "-m", "prefork", "run", "--config", str(_host_config(tmp_path, name, url, app))],
-            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=host_env(),
         )
         for name in ("host-a", "host-b")
     }  # fmt: skip
     try:
-        with Client(url, app) as hosts:
+        with Client(url, app, secret=SECRET) as hosts:
             slow = [hosts.submit("time:sleep", 0.4) for _ in range(8)]
             quick = [hosts.submit("operator:mul", i, i) for i in range(40)]
-            doomed = hosts.submit("os:_exit", 1)  # kills every worker that runs it
+            doomed = hosts.submit("hosttasks:die")  # kills every worker that runs it
             # wait until host A holds a task, then kill it as the OOM killer would
             a = hosts_["host-a"]
             wait_until(lambda: any(f":{a.pid}:" in c for c in _holders(client, app)), timeout=10, what="host A busy")
@@ -237,14 +244,15 @@ def add_from(sender: Any, a: int, b: int) -> list[Any]:
 def test_dispatcher_requests_through_redis_get_the_dispatcher_callbacks(url: str, app: str) -> None:
     overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
                  "transport.stream": app, "transport.block_ms": 200, "resolver.name": "methods",
-                 "resolver.methods": {"add": f"{__name__}:add_from"}}  # fmt: skip
+                 "resolver.methods": {"add": f"{__name__}:add_from"}, "transport.secret": SECRET}  # fmt: skip
     stop = threading.Event()
     with prefork.Executor(2, overrides=overrides) as pool:
         server = threading.Thread(target=serve, args=(pool, stop), daemon=True)
         server.start()
         try:
             got: list[tuple[dict[str, Any], Any]] = []
-            with DispatcherClient(url, app, upon_result=lambda req, resp: got.append((req, resp))) as dispatcher:
+            callback = lambda req, resp: got.append((req, resp))  # noqa: E731
+            with DispatcherClient(url, app, upon_result=callback, secret=SECRET) as dispatcher:
                 dispatcher.new_request({"method_name": "add", "params": [1, 2], "from": "me"})
                 dispatcher.new_request({"method_name": "nope", "params": []})
                 with pytest.raises(ValueError, match="needs a 'method'"):
@@ -267,7 +275,7 @@ def whoami() -> str | None:
 
 def test_user_code_on_a_host_reads_its_task_id(host: Any, url: str, app: str) -> None:
     host()
-    with Client(url, app) as hosts:
+    with Client(url, app, secret=SECRET) as hosts:
         futures = [hosts.submit(f"{__name__}:whoami") for _ in range(5)]
         assert [f.result(timeout=20) for f in futures] == [f.task_id for f in futures]
     from prefork_redis import task_id
@@ -276,7 +284,7 @@ def test_user_code_on_a_host_reads_its_task_id(host: Any, url: str, app: str) ->
 
 
 def test_signed_pickles_between_client_and_host_with_the_secret_in_the_config(url: str, app: str) -> None:
-    secret = "a secret of at least sixteen bytes"
+    secret = "a secret of at least sixteen bytes"  # a host of object codecs needs no names: work comes as functions
     overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,
                  "transport.stream": app, "transport.block_ms": 200, "transport.codec": "cloudpickle",
                  "transport.secret": secret}  # fmt: skip
@@ -291,3 +299,19 @@ def test_signed_pickles_between_client_and_host_with_the_secret_in_the_config(ur
         finally:
             stop.set()
             server.join(10)
+
+
+def test_a_host_lives_through_its_keys_being_tampered_with(
+    host: Any, url: str, app: str, client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    tasks = f"pf:{{{app}}}:tasks"
+    with caplog.at_level(logging.WARNING, logger="prefork.redis"):
+        host()
+        with Client(url, app, secret=SECRET) as hosts:
+            assert hosts.submit("operator:add", 1, 1).result(timeout=20) == 2
+            client.delete(tasks)
+            client.set(tasks, "not a stream")  # every call of the host now fails with WRONGTYPE
+            wait_until(lambda: "unavailable (ResponseError: WRONGTYPE" in caplog.text, what="the host to notice")
+            client.delete(tasks)  # the host makes its group again and serves on
+            assert hosts.submit("operator:add", 2, 2).result(timeout=20) == 4
+    assert caplog.text.count(": unavailable (") == 1

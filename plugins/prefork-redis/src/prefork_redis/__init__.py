@@ -3,13 +3,14 @@
 Clients on any host submit tasks to one Redis stream per app; a prefork
 supervisor on each host is one consumer of that stream and runs what it
 fetches in its forked workers (which never talk to Redis).  Results come back
-on one stream per client.  :class:`Broker` is protocol v1 (see ``README.md``
+on one stream per client.  :class:`Broker` is protocol v2 (see ``README.md``
 and :mod:`prefork_redis.broker`); :mod:`prefork_redis.codec` holds the codecs
-and the HMAC signing that makes ``pickle`` safe to accept.
+and the HMAC signing every task needs (unless a host says ``insecure``).
 
 This module is installed as the ``redis`` plugin of the ``prefork``
 entry-point group: it registers the ``redis`` transport strategy
-(:mod:`prefork_redis.transport`).  :func:`serve` runs a stream's tasks in a
+(:mod:`prefork_redis.transport`) and the ``allow`` resolver
+(:mod:`prefork_redis.allow`: what remote tasks may call).  :func:`serve` runs a stream's tasks in a
 prefork pool (``app = "prefork_redis:serve"`` for ``prefork run``);
 :class:`Client` submits to the hosts from anywhere.  prefork imports this
 module whenever it builds a plugin manager, so it imports nothing heavy: the
@@ -24,10 +25,19 @@ from typing import TYPE_CHECKING, Any
 from prefork import hookimpl
 
 if TYPE_CHECKING:
+    from prefork_redis.allow import AllowResolver
     from prefork_redis.broker import Broker
     from prefork_redis.client import Client, DeadLettered, DispatcherClient, RemoteError
     from prefork_redis.codec import Signer, get_codec
-    from prefork_redis.errors import BadSignature, BrokerError, CodecError, GroupMissing, ServerTooOld
+    from prefork_redis.errors import (
+        BadSignature,
+        BrokerError,
+        BrokerUnavailable,
+        CodecError,
+        GroupMissing,
+        ServerTooOld,
+        TaskLost,
+    )
     from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task
     from prefork_redis.serve import serve, task_id
     from prefork_redis.transport import RedisTransport
@@ -37,9 +47,11 @@ __all__ = [
     "ERROR",
     "OK",
     "REJECTED",
+    "AllowResolver",
     "BadSignature",
     "Broker",
     "BrokerError",
+    "BrokerUnavailable",
     "Client",
     "CodecError",
     "DeadLettered",
@@ -52,12 +64,14 @@ __all__ = [
     "ServerTooOld",
     "Signer",
     "Task",
+    "TaskLost",
     "get_codec",
     "serve",
     "task_id",
 ]
 
 _HOME = {
+    "AllowResolver": "prefork_redis.allow",
     "Broker": "prefork_redis.broker",
     "Client": "prefork_redis.client",
     "DeadLettered": "prefork_redis.client",
@@ -77,6 +91,8 @@ _HOME = {
     "get_codec": "prefork_redis.codec",
     "BadSignature": "prefork_redis.errors",
     "BrokerError": "prefork_redis.errors",
+    "BrokerUnavailable": "prefork_redis.errors",
+    "TaskLost": "prefork_redis.errors",
     "CodecError": "prefork_redis.errors",
     "GroupMissing": "prefork_redis.errors",
     "ServerTooOld": "prefork_redis.errors",
@@ -95,6 +111,8 @@ def __getattr__(name: str) -> Any:
 
 @hookimpl
 def prefork_register_strategies(registry: Any) -> None:
+    from prefork_redis.allow import AllowResolver
     from prefork_redis.transport import RedisTransport
 
     registry.register("transport", RedisTransport)
+    registry.register("resolver", AllowResolver)

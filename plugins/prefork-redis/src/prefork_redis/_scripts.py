@@ -1,4 +1,4 @@
-"""The Lua scripts of protocol v1, one per step that must be atomic.
+"""The Lua scripts of the protocol (v2), one per step that must be atomic.
 
 Every key a script touches is passed in KEYS, and all keys of one app share
 the hash tag ``{<app>}``, so each script runs on one Redis Cluster slot.
@@ -30,6 +30,37 @@ end
 local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
 redis.call('SET', KEYS[1], id, 'KEEPTTL')
 return id
+"""
+
+#: KEYS: the dedup key of each task.  ARGV: for each task, its entry id and its
+#: expiry (ms since the epoch, from the signed ``expires`` field).
+#: Admits the tasks a consumer was delivered, before it runs any: returns one
+#: verdict per task, ``ok``, ``replay`` (the task id belongs to another entry:
+#: the same signed task added to the stream again) or ``expired`` (by the
+#: server's clock, one clock for every host).  An admitted task's key names its
+#: entry until the task expires at least, so a copy added later is a replay.
+ADMIT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+for i = 1, #KEYS do
+  local entry, expires = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local holder = redis.call('GET', KEYS[i])
+  if holder and holder ~= entry then
+    out[i] = 'replay'
+  elseif expires <= now then
+    out[i] = 'expired'
+  else
+    if not holder then
+      redis.call('SET', KEYS[i], entry, 'PXAT', expires)
+    else
+      local ttl = redis.call('PTTL', KEYS[i])
+      if ttl >= 0 and now + ttl < expires then redis.call('PEXPIREAT', KEYS[i], expires) end
+    end
+    out[i] = 'ok'
+  end
+end
+return out
 """
 
 #: KEYS: task stream, this consumer's alive key.
@@ -83,8 +114,12 @@ return 1
 
 #: KEYS: task stream.
 #: ARGV: group, consumer, min idle (ms), max deliveries, how many to claim to
-#: run, how many pending entries to look at, only this owner ('' = any other).
-#: Looks at pending entries idle for at least min idle and not the caller's.
+#: run, how many pending entries to look at, only this owner ('' = any),
+#: also the caller's own entries ('1') or not ('').
+#: Looks at pending entries idle for at least min idle.  The caller's own are
+#: included when asked: a consumer renews every entry it runs, so its own entry
+#: idle for a lease is one it never saw (a delivery whose reply was lost with
+#: the connection) or stopped tracking; nobody else would ever take it.
 #: An entry delivered max-deliveries times already is claimed (JUSTID, count
 #: unchanged) to be dead-lettered; otherwise it is claimed to run (the count
 #: goes up by one) while fewer than asked have been.  Returns one
@@ -101,7 +136,7 @@ while budget > 0 do
   local pending = redis.call(unpack(args))
   for _, p in ipairs(pending) do
     local id, owner, deliveries = p[1], p[2], p[4]
-    if owner ~= me then
+    if owner ~= me or ARGV[8] == '1' then
       if deliveries >= maxd then
         redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'JUSTID')
         local e = redis.call('XRANGE', KEYS[1], id, id)

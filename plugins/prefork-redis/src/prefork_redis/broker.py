@@ -1,4 +1,4 @@
-"""The broker: protocol v1 of prefork's Redis Streams transport.
+"""The broker: protocol v2 of prefork's Redis Streams transport.
 
 ::
 
@@ -19,30 +19,51 @@ Ownership is Redis's own: an entry belongs to the consumer the group's
 pending list names.  Every step that depends on it checks it inside a Lua
 script (see :mod:`prefork_redis._scripts`), so a consumer that lost an entry
 can neither renew it nor publish its result.
+
+Authentication comes before anything is decoded or run: a task must carry
+this broker's HMAC signature over its id, client, codec, expiry and payload
+(unless the broker was made ``insecure=True``, without a key); it is then
+*admitted* by one script per fetch, which refuses a task id already owned by
+another entry (a replay) and a task past its signed expiry, by the server's
+clock.  Each broker also remembers the task ids it admitted, so a replay is
+refused by a host that ran the task even if someone deleted the dedup key.
+
+The calls raise redis-py's errors while the server is unreachable; the
+callers (:func:`prefork_redis.serve`, :class:`prefork_redis.Client`) retry
+them.  Every step is safe to repeat after an error whose outcome is unknown
+(the reply was lost): submit is deduplicated by task id, completion and
+release check ownership, and a delivery whose reply was lost is reaped back
+by its own consumer after a lease.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import secrets
 import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from prefork_redis import _scripts
-from prefork_redis.codec import Codec, Signer, get_codec, require_signer
+from prefork_redis.codec import PROTOCOL, SECRET_ENV, Codec, Signer, accepts, get_codec, require_signer
 from prefork_redis.errors import BrokerError, CodecError, GroupMissing, ServerTooOld
 from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task, check_name
 
 if TYPE_CHECKING:
     from redis.commands.core import Script
 
-__all__ = ["RELEASED", "Broker", "check_server_version", "consumer_name"]
+__all__ = ["RELEASED", "Broker", "Envelope", "check_server_version", "consumer_name"]
 
 log = logging.getLogger("prefork_redis")
 
@@ -56,6 +77,11 @@ MIN_SERVER: Final = (6, 2)
 SCAN_LIMIT: Final = 1000
 #: The longest BLOCK a fetch may ask for.
 MAX_BLOCK_MS: Final = 60_000
+#: How many admitted task ids a broker remembers (oldest forgotten first), to refuse
+#: replays even when the dedup key in Redis was deleted.
+SEEN_LIMIT: Final = 100_000
+#: A remembered task id is forgotten this long after it expired (clock skew between hosts and Redis).
+SEEN_SLACK_S: Final = 300.0
 
 
 def consumer_name() -> str:
@@ -76,6 +102,16 @@ def _text(value: bytes | str | None) -> str:
 
 def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+@attrs.frozen
+class Envelope:
+    """A task ready to send: its entry's fields, signed.  Sending it again (after an error
+    whose outcome is unknown) is harmless: the dedup key queues a task id once."""
+
+    task_id: str
+    fields: tuple[bytes | str, ...] = attrs.field(repr=False)
+    expires_at: float
 
 
 def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -99,16 +135,21 @@ class Broker:
     :meth:`fetch` or :meth:`results`; :meth:`from_url` sets 10 s.
 
     ``codec`` encodes what this broker submits and is the default of its
-    results; a supervisor decodes each task with the codec the task names.
-    ``secret`` (or ``$PREFORK_REDIS_SECRET``) is the HMAC key: with a key,
-    every message is signed and every received message must carry a valid
-    signature; without one, ``pickle`` and ``cloudpickle`` are refused.
+    results; a supervisor decodes each task with the codec the task names, if
+    it :func:`accepts <prefork_redis.codec.accepts>` it (object codecs only
+    when ``codec`` is one).  ``secret`` (or ``$PREFORK_REDIS_SECRET``) is the
+    HMAC key: every message is signed and every received message must carry a
+    valid signature.  Without a key the broker must be made ``insecure=True``:
+    it then sends and accepts unsigned plain-data messages, and anyone who can
+    write to the Redis server can submit tasks.  ``task_ttl_s`` is how long a
+    submitted task may wait to be started (signed into it as ``expires``).
 
     Creating a broker does no I/O.  A supervisor calls :meth:`setup` once
     (the first :meth:`fetch` or :meth:`reap` does it otherwise).
     """
 
     __slots__ = (
+        "_admit",
         "_claim",
         "_codec",
         "_complete",
@@ -118,17 +159,21 @@ class Broker:
         "_redis",
         "_release",
         "_renew",
+        "_seen",
+        "_seen_lock",
         "_signer",
         "_submit",
         "consumer",
         "dead_maxlen",
         "dedup_ttl_s",
         "group",
+        "insecure",
         "keys",
         "lease_ms",
         "max_deliveries",
         "result_maxlen",
         "result_ttl_s",
+        "task_ttl_s",
     )
 
     def __init__(
@@ -138,6 +183,7 @@ class Broker:
         *,
         codec: str = "json",
         secret: str | bytes | None = None,
+        insecure: bool = False,
         group: str = "workers",
         consumer: str | None = None,
         lease_ms: int = 30_000,
@@ -146,6 +192,7 @@ class Broker:
         result_ttl_s: int = 86_400,
         dead_maxlen: int = 100_000,
         dedup_ttl_s: int = 86_400,
+        task_ttl_s: int = 3_600,
     ) -> None:
         if client.get_connection_kwargs().get("decode_responses"):
             raise BrokerError(
@@ -157,6 +204,20 @@ class Broker:
         self._codec: Codec = get_codec(codec)
         self._signer = Signer.from_secret(secret)
         require_signer(self._codec, self._signer)
+        if not isinstance(insecure, bool):
+            raise BrokerError(f"insecure must be True or False, not {insecure!r}")
+        if self._signer is None and not insecure:
+            raise BrokerError(
+                "no HMAC key: every task must be signed, so that only holders of the key can submit work. "
+                f"Pass secret=... or set {SECRET_ENV} (the same key as the hosts'), or insecure=True to send "
+                "and accept unsigned messages (then anyone who can write to the Redis server can submit tasks)"
+            )
+        if self._signer is not None and insecure:
+            raise BrokerError(
+                f"insecure=True contradicts the HMAC key given (secret= or ${SECRET_ENV}): with a key every "
+                "message is signed and checked; drop one of them"
+            )
+        self.insecure = insecure
         for name, value in (
             ("lease_ms", lease_ms),
             ("max_deliveries", max_deliveries),
@@ -164,8 +225,14 @@ class Broker:
             ("result_ttl_s", result_ttl_s),
             ("dead_maxlen", dead_maxlen),
             ("dedup_ttl_s", dedup_ttl_s),
+            ("task_ttl_s", task_ttl_s),
         ):
             _check_positive(name, value)
+        if task_ttl_s > dedup_ttl_s:
+            raise BrokerError(
+                f"task_ttl_s={task_ttl_s} is longer than dedup_ttl_s={dedup_ttl_s}: a task's dedup key must "
+                "outlive the time the task may wait to start"
+            )
         check_name("the group name", group)
         self.group = group
         self.consumer = consumer or consumer_name()
@@ -177,9 +244,14 @@ class Broker:
         self.result_ttl_s = result_ttl_s
         self.dead_maxlen = dead_maxlen
         self.dedup_ttl_s = dedup_ttl_s
+        self.task_ttl_s = task_ttl_s
         self._ready = False
+        # task id -> (entry id, expires at, done here): the tasks this broker admitted
+        self._seen: OrderedDict[str, tuple[str, float, bool]] = OrderedDict()
+        self._seen_lock = threading.Lock()
         # register_script only hashes the source; the script is loaded on first use.
         self._submit = client.register_script(_scripts.SUBMIT)
+        self._admit = client.register_script(_scripts.ADMIT)
         self._renew = client.register_script(_scripts.RENEW)
         self._complete = client.register_script(_scripts.COMPLETE)
         self._release = client.register_script(_scripts.RELEASE)
@@ -188,9 +260,21 @@ class Broker:
         self._forget = client.register_script(_scripts.FORGET)
 
     @classmethod
-    def from_url(cls, url: str, app: str, **options: Any) -> Broker:
-        """A broker on a new client for ``url`` (``redis://host:port/db``), with a 10 s socket timeout."""
-        client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+    def from_url(cls, url: str, app: str, *, socket_timeout: float = 10.0, **options: Any) -> Broker:
+        """A broker on a new client for ``url`` (``redis://host:port/db``).
+
+        ``socket_timeout`` (seconds) bounds every call, so a frozen server is an
+        error after that long.  The client does not retry by itself (redis-py's
+        default retries a failed call up to 10 times, each waiting the socket
+        timeout, and repeats commands whose first run may have happened): the
+        callers retry, knowing which steps are safe to repeat.
+        """
+        if not isinstance(socket_timeout, int | float) or isinstance(socket_timeout, bool) or socket_timeout <= 0:
+            raise BrokerError(f"socket_timeout must be a positive number of seconds, not {socket_timeout!r}")
+        client = redis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=min(5.0, socket_timeout),
+            retry=Retry(NoBackoff(), 0),
+        )  # fmt: skip
         return cls(client, app, **options)
 
     def __repr__(self) -> str:
@@ -200,6 +284,11 @@ class Broker:
     def codec(self) -> str:
         return self._codec.name
 
+    @property
+    def where(self) -> str:
+        """The server, as ``host:port`` (or ``unix:path``), for messages."""
+        return self._where()
+
     # -- client side --------------------------------------------------------------
 
     def submit(self, task_id: str, value: Any, reply_to: str, *, encoded: bool = False) -> str | None:
@@ -207,20 +296,35 @@ class Broker:
 
         Returns the entry id, or None when ``task_id`` was submitted before
         (within ``dedup_ttl_s``): it is not queued twice.  ``encoded=True``
-        means ``value`` is already bytes in this broker's codec.
+        means ``value`` is already bytes in this broker's codec.  The task
+        expires ``task_ttl_s`` from now: no host starts it after that.
         """
+        return self.send(self.prepare(task_id, value, reply_to, encoded=encoded))
+
+    def prepare(self, task_id: str, value: Any, reply_to: str, *, encoded: bool = False) -> Envelope:
+        """The signed entry of a task, without sending it (no I/O); encoding errors are raised here."""
         if not task_id or not isinstance(task_id, str):
             raise BrokerError(f"a task id must be a non-empty string, not {task_id!r}")
         if not reply_to or not isinstance(reply_to, str):
             raise BrokerError(f"reply_to must be a client id (a non-empty string), not {reply_to!r}")
         payload = self._encode(value, encoded)
+        now = time.time()
+        expires_at = now + self.task_ttl_s
         tid, to, codec = task_id.encode(), reply_to.encode(), self._codec.name.encode()
+        expires = str(int(expires_at * 1000)).encode()
         fields: list[bytes | str] = [
-            "id", tid, "payload", payload, "reply_to", to, "codec", codec, "submitted_at", f"{time.time():.6f}",
+            "v", PROTOCOL, "id", tid, "reply_to", to, "codec", codec, "expires", expires,
+            "submitted_at", f"{now:.6f}", "payload", payload,
         ]  # fmt: skip
         if self._signer is not None:
-            fields += ["signature", self._signer.sign("task", tid, to, codec, payload)]
-        entry_id = self._run(self._submit, [self.keys.dedup(task_id), self.keys.tasks], [self.dedup_ttl_s, *fields])
+            fields += ["signature", self._signer.sign("task", tid, to, codec, expires, payload)]
+        return Envelope(task_id, tuple(fields), expires_at)
+
+    def send(self, envelope: Envelope) -> str | None:
+        """Queue a prepared task: its entry id, or None when its id was queued already
+        (by an earlier send whose reply was lost, say)."""
+        keys = [self.keys.dedup(envelope.task_id), self.keys.tasks]
+        entry_id = self._run(self._submit, keys, [self.dedup_ttl_s, *envelope.fields])
         return None if entry_id is None else _text(entry_id)
 
     def results(
@@ -237,8 +341,14 @@ class Broker:
         Waits up to ``block_ms`` for the first one (None: does not wait).  With
         ``delete`` (the default) the results returned are deleted from the
         stream, so the next call may pass ``"0-0"`` again; otherwise pass the
-        last ``entry_id`` seen.  A result whose signature does not verify comes
-        back with status ``rejected`` and is never decoded.
+        last ``entry_id`` seen.  A result whose signature does not verify, or in
+        an object codec this broker does not accept, comes back with status
+        ``rejected`` and is never decoded.
+
+        With ``delete``, an error (a timeout) after the read loses the results
+        read: the delete may still run on the server after the error.  To read
+        each result at least once, pass ``delete=False``, handle the results,
+        then :meth:`delete_results` them, as :class:`prefork_redis.Client` does.
         """
         _check_positive("count", count)
         self._check_block(block_ms)
@@ -246,8 +356,43 @@ class Broker:
         reply = self._redis.xread({key: last_id}, count=count, block=block_ms)
         out = [self._open_result(key, entry_id, fields) for entry_id, fields in _stream_entries(reply)]
         if delete and out:
-            self._redis.xdel(key, *(r.entry_id for r in out))
+            self.delete_results(client_id, [r.entry_id for r in out])
         return out
+
+    def delete_results(self, client_id: str, entry_ids: Sequence[str]) -> int:
+        """Delete results already handled from ``client_id``'s stream; how many were there."""
+        if not entry_ids:
+            return 0
+        deleted: int = self._redis.xdel(self.keys.results(client_id), *entry_ids)
+        return deleted
+
+    def missing(self, tasks: Mapping[str, str | None]) -> list[str]:
+        """Which of ``tasks`` (task id -> entry id, or None if unknown) Redis has no trace
+        of: neither the dedup key nor the entry.  Such a task will never be started
+        (a restart without persistence lost it); read the results first, since a
+        completed task has no entry either."""
+        ids = list(tasks)
+        if not ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.exists(self.keys.dedup(task_id))
+            entry_id = tasks[task_id]
+            if entry_id:
+                pipe.xrange(self.keys.tasks, entry_id, entry_id, count=1)
+            else:
+                pipe.exists(self.keys.tasks)  # a placeholder: an unknown entry counts as gone
+        replies = pipe.execute()
+        gone = []
+        for i, task_id in enumerate(ids):
+            has_key, entry = replies[2 * i], replies[2 * i + 1]
+            if not has_key and not (tasks[task_id] and entry):
+                gone.append(task_id)
+        return gone
+
+    def server_id(self) -> str:
+        """The server's ``run_id``: a new one after every restart."""
+        return _text(self._redis.info("server").get("run_id"))
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -267,9 +412,10 @@ class Broker:
         """At most ``count`` tasks for this consumer: released ones first, then new ones.
 
         Waits up to ``block_ms`` (None: not at all) when there is none.  A task
-        whose signature does not verify, or that names an unknown codec, is
-        dead-lettered here and not returned; so fewer than ``count`` may come
-        back even when more were waiting.
+        that fails authentication or admission (unsigned, forged, a replay,
+        expired, an old protocol, an unknown or refused codec) is dead-lettered
+        here and not returned; so fewer than ``count`` may come back even when
+        more were waiting.
         """
         _check_positive("count", count)
         self._check_block(block_ms)
@@ -308,10 +454,11 @@ class Broker:
         """Publish ``result`` to the task's client, then ack and delete the entry: the ack point.
 
         Returns False, publishing nothing, when this consumer no longer owns
-        the entry (its lease was lost): a result is published at most once per
-        entry.  ``status`` is ``ok`` or ``error``.  The result is encoded with
-        the task's codec (``encoded=True``: it already is, as bytes); an
-        encoding error is raised before anything is published.
+        the entry (its lease was lost, or an earlier call whose reply was lost
+        completed it): a result is published at most once per entry.
+        ``status`` is ``ok`` or ``error``.  The result is encoded with the
+        task's codec (``encoded=True``: it already is, as bytes); an encoding
+        error is raised before anything is published.
         """
         if status not in (OK, ERROR):
             raise BrokerError(f"a completion's status is 'ok' or 'error', not {status!r}")
@@ -324,6 +471,8 @@ class Broker:
             [self.keys.tasks, self.keys.results(task.reply_to)],
             [self.group, self.consumer, task.entry_id, self.result_maxlen, self.result_ttl_s, *fields],
         )
+        if done:  # answered: never again here.  A fenced run was not: its entry may come back, released
+            self._mark_done(task.task_id)
         return bool(done)
 
     def release(self, entry_id: str) -> bool:
@@ -338,11 +487,14 @@ class Broker:
         return bool(self._run(self._release, [self.keys.tasks], [self.group, self.consumer, entry_id, RELEASED]))
 
     def reap(self, count: int, lease_ms: int | None = None) -> list[Task]:
-        """Claim up to ``count`` entries other consumers have not renewed for ``lease_ms``
-        (default: this broker's), and released ones; return them to run.
+        """Claim up to ``count`` entries not renewed for ``lease_ms`` (default: this
+        broker's), and released ones; return them to run.
 
-        Entries already delivered ``max_deliveries`` times are dead-lettered
-        instead (not counted in ``count``, so ``count=0`` only dead-letters).
+        This consumer's own entries count too: it renews every entry it runs,
+        so its own entry idle for a lease is one whose delivery it never saw
+        (the reply was lost with the connection) or stopped tracking.  Entries
+        already delivered ``max_deliveries`` times are dead-lettered instead
+        (not counted in ``count``, so ``count=0`` only dead-letters).
         Consumers whose alive key expired and that hold nothing are removed
         from the group.
         """
@@ -351,7 +503,8 @@ class Broker:
         if not self._ready:
             self.setup()
         try:
-            tasks = self._claim_entries(min_idle_ms=self.lease_ms if lease_ms is None else lease_ms, count=count)
+            min_idle = self.lease_ms if lease_ms is None else lease_ms
+            tasks = self._claim_entries(min_idle_ms=min_idle, count=count, mine=True)
             self._forget_gone_consumers()
         except GroupMissing:
             log.warning("%s: the group %r was gone; creating it again", self.keys.tasks, self.group)
@@ -416,12 +569,14 @@ class Broker:
             raise self._group_missing(exc) from exc
 
     def _group_missing(self, exc: redis.ResponseError) -> Exception:
-        """A NOGROUP error as :class:`GroupMissing`; any other error as it is."""
-        if "NOGROUP" not in str(exc):
+        """A NOGROUP error (or UNBLOCKED: the stream or group went away while a read waited on it)
+        as :class:`GroupMissing`; any other error as it is."""
+        text = str(exc)  # Redis 6.2 wraps a script's errors: "ERR Error running script ...: NOGROUP ..."
+        if "NOGROUP" not in text and not text.startswith("UNBLOCKED"):
             return exc
         return GroupMissing(
             f"the consumer group {self.group!r} of {self.keys.tasks!r} does not exist "
-            "(was the stream deleted? Broker.setup() creates it)"
+            "(was the stream deleted, or Redis restarted without persistence? Broker.setup() creates it)"
         )
 
     def _read_new(self, count: int, block_ms: int | None) -> list[Task]:
@@ -430,72 +585,155 @@ class Broker:
             reply = self._redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
         except redis.ResponseError as exc:
             raise self._group_missing(exc) from exc
-        tasks = (self._accept(_text(eid), fields, 1) for eid, fields in _stream_entries(reply))
-        return [t for t in tasks if t is not None]
+        screened = [(self._screen(_text(eid), fields, 1), fields) for eid, fields in _stream_entries(reply)]
+        return self._admit_tasks([(task, fields) for task, fields in screened if task is not None])
 
-    def _claim_entries(self, min_idle_ms: int, count: int, only: str = "") -> list[Task]:
+    def _claim_entries(self, min_idle_ms: int, count: int, only: str = "", mine: bool = False) -> list[Task]:
         rows = self._run(
             self._claim,
             [self.keys.tasks],
-            [self.group, self.consumer, min_idle_ms, self.max_deliveries, count, SCAN_LIMIT, only],
+            [self.group, self.consumer, min_idle_ms, self.max_deliveries, count, SCAN_LIMIT, only, "1" if mine else ""],
         )
-        tasks: list[Task] = []
+        tasks: list[tuple[Task, dict[bytes, bytes]]] = []
         for kind, entry_id, deliveries, flat, owner in rows:
             fields, eid = _pairs(flat), _text(entry_id)
             if kind == b"dead":
                 detail = f"delivered {deliveries} times (max_deliveries={self.max_deliveries}), last to {_text(owner)}"
-                self._bury(eid, fields, "max deliveries", detail, deliveries)
+                self._bury(eid, fields, "max deliveries", detail, deliveries, notify=self._authentic(fields))
                 continue
             log.info("%s: claimed entry %s from %s (delivery %d)", self.keys.tasks, eid, _text(owner), deliveries)
-            task = self._accept(eid, fields, int(deliveries))
+            task = self._screen(eid, fields, int(deliveries))
             if task is not None:
-                tasks.append(task)
-        return tasks
+                tasks.append((task, fields))
+        return self._admit_tasks(tasks)
 
-    def _accept(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Task | None:
-        """The entry as a Task, or None after dead-lettering it (bad signature, unknown codec, malformed)."""
-        task_id, reply_to = _text(fields.get(b"id")), _text(fields.get(b"reply_to"))
-        codec, payload = fields.get(b"codec", b""), fields.get(b"payload")
-        problem = _missing(fields, (b"id", b"reply_to", b"codec", b"payload"))
+    def _authentic(self, fields: dict[bytes, bytes]) -> bool:
+        """Whether the entry's fields may be trusted to name its client: signed by this key
+        (protocol v2), or anything when this broker is insecure."""
+        if self._signer is None:
+            return True
+        return fields.get(b"v") == PROTOCOL.encode() and self._signer.verify(
+            fields.get(b"signature"), "task", *(fields.get(name, b"") for name in _SIGNED_TASK_FIELDS)
+        )
+
+    def _screen(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Task | None:
+        """The entry as a Task if it passes every check made before admission; else None,
+        after dead-lettering it.  Nothing here decodes the payload.
+
+        Order: protocol version, fields present, signature, codec, expiry
+        format, this broker's memory of admitted ids.  The client is told
+        (a ``dead`` result) only about an authentic task: the fields of a
+        forged one are the forger's, and a ``dead`` result to the client and id
+        it names would fail a genuine task still waiting or running.
+        """
+        version = fields.get(b"v")
+        if version != PROTOCOL.encode():
+            detail = (
+                f"an entry of protocol v{_text(version)[:8] or '1'}; this host speaks v{PROTOCOL} (signed expiry): "
+                "drain old entries with old hosts before upgrading, or submit them again"
+            )
+            self._bury(entry_id, fields, "unsupported protocol", detail, deliveries, notify=self._signer is None)
+            return None
+        problem = _missing(fields, (b"id", b"reply_to", b"codec", b"expires", b"payload"))
         if problem:
-            self._bury(entry_id, fields, "malformed", problem, deliveries)
+            self._bury(entry_id, fields, "malformed", problem, deliveries, notify=self._signer is None)
             return None
-        assert payload is not None
+        if self._signer is not None:
+            signature = fields.get(b"signature")
+            signed = (fields[name] for name in _SIGNED_TASK_FIELDS)
+            if not signature:
+                self._bury(entry_id, fields, "bad signature", "the message is not signed", deliveries, notify=False)
+                return None
+            if not self._signer.verify(signature, "task", *signed):
+                detail = "the signature does not match the message"
+                self._bury(entry_id, fields, "bad signature", detail, deliveries, notify=False)
+                return None
         try:
-            codec_obj = get_codec(_text(codec))
+            codec_obj = get_codec(_text(fields[b"codec"]))
         except CodecError as exc:
-            self._bury(entry_id, fields, "unknown codec", str(exc), deliveries)
+            self._bury(entry_id, fields, "unknown codec", str(exc), deliveries, notify=True)
             return None
-        detail = self._signature_problem(codec_obj, fields, "task", b"id", b"reply_to", b"codec", b"payload")
-        if detail:
-            self._bury(entry_id, fields, "bad signature", detail, deliveries)
+        if not accepts(self._codec, codec_obj):
+            detail = (
+                f"codec {codec_obj.name!r} can run code when decoded, and this consumer's codec is "
+                f"{self._codec.name!r}: only a consumer configured with an object codec decodes one"
+            )
+            self._bury(entry_id, fields, "codec refused", detail, deliveries, notify=True)
+            return None
+        try:
+            expires_at = int(fields[b"expires"]) / 1000
+        except ValueError:
+            detail = f"expires is not an integer (ms since the epoch): {fields[b'expires'][:40]!r}"
+            self._bury(entry_id, fields, "malformed", detail, deliveries, notify=True)
+            return None
+        task_id = _text(fields[b"id"])
+        if self._replayed_here(task_id, entry_id):
+            detail = f"task {task_id!r} was already run by this consumer (as another entry, or completed)"
+            self._bury(entry_id, fields, "replay", detail, deliveries, notify=False)
             return None
         try:
             submitted_at: float | None = float(fields.get(b"submitted_at", b""))
         except ValueError:
             submitted_at = None
-        return Task(entry_id, task_id, reply_to, codec_obj.name, payload, deliveries, submitted_at)
+        payload = fields[b"payload"]
+        return Task(
+            entry_id, task_id, _text(fields[b"reply_to"]), codec_obj.name, payload, deliveries, submitted_at, expires_at
+        )
 
-    def _signature_problem(self, codec: Codec, fields: dict[bytes, bytes], kind: str, *signed: bytes) -> str:
-        """Why a message may not be decoded ('' when it may): the signature rule, checked before any decoding.
+    def _admit_tasks(self, screened: list[tuple[Task, dict[bytes, bytes]]]) -> list[Task]:
+        """The tasks the ADMIT script lets run (one round trip); replays and expired ones dead-lettered."""
+        if not screened:
+            return []
+        args: list[Any] = []
+        for task, _fields in screened:
+            assert task.expires_at is not None
+            args += [task.entry_id, int(task.expires_at * 1000)]
+        verdicts = self._run(self._admit, [self.keys.dedup(t.task_id) for t, _ in screened], args)
+        admitted: list[Task] = []
+        for (task, fields), verdict in zip(screened, verdicts, strict=True):
+            if verdict == b"ok":
+                self._remember(task)
+                admitted.append(task)
+                continue
+            if verdict == b"replay":
+                detail = f"task {task.task_id!r} belongs to another entry: this one is a copy"
+                self._bury(task.entry_id, fields, "replay", detail, task.deliveries, notify=False)
+            else:
+                assert task.expires_at is not None
+                when = datetime.datetime.fromtimestamp(task.expires_at, datetime.UTC).isoformat(timespec="seconds")
+                detail = f"expired at {when} (the signed expiry, by the Redis server's clock) before delivery {task.deliveries}"
+                self._mark_done(task.task_id)
+                self._bury(task.entry_id, fields, "expired", detail, task.deliveries, notify=True)
+        return admitted
 
-        Plain data without a key needs no signature.  With a key every message
-        must carry this key's signature of the ``signed`` fields; a pickle
-        codec without a key cannot be verified, so it is refused.
-        """
-        if self._signer is None:
-            if not codec.objects:
-                return ""
-            return f"codec {codec.name!r} needs an HMAC key to verify it and this broker has none"
-        signature = fields.get(b"signature")
-        if not signature:
-            return "the message is not signed"
-        if not self._signer.verify(signature, kind, *(fields.get(name, b"") for name in signed)):
-            return "the signature does not match the message"
-        return ""
+    def _remember(self, task: Task) -> None:
+        assert task.expires_at is not None
+        with self._seen_lock:
+            seen = self._seen.get(task.task_id)
+            self._seen[task.task_id] = (task.entry_id, task.expires_at, bool(seen and seen[2]))
+            self._seen.move_to_end(task.task_id)
+            horizon = time.time() - SEEN_SLACK_S
+            while self._seen and (len(self._seen) > SEEN_LIMIT or next(iter(self._seen.values()))[1] < horizon):
+                self._seen.popitem(last=False)
 
-    def _bury(self, entry_id: str, fields: dict[bytes, bytes], reason: str, detail: str, deliveries: int) -> bool:
-        """Dead-letter an entry this consumer owns, and tell its client (status ``dead``, JSON)."""
+    def _mark_done(self, task_id: str) -> None:
+        with self._seen_lock:
+            seen = self._seen.get(task_id)
+            if seen is not None:
+                self._seen[task_id] = (seen[0], seen[1], True)
+
+    def _replayed_here(self, task_id: str, entry_id: str) -> bool:
+        """Whether this consumer admitted ``task_id`` as another entry, or answered it, before it expired."""
+        with self._seen_lock:
+            seen = self._seen.get(task_id)
+        if seen is None or seen[1] < time.time() - SEEN_SLACK_S:
+            return False
+        return seen[0] != entry_id or seen[2]
+
+    def _bury(
+        self, entry_id: str, fields: dict[bytes, bytes], reason: str, detail: str, deliveries: int, *, notify: bool
+    ) -> bool:
+        """Dead-letter an entry this consumer owns; with ``notify``, tell its client (status ``dead``, JSON)."""
         task_id, reply_to = _text(fields.get(b"id")), _text(fields.get(b"reply_to"))
         log.warning("%s: dead-lettering entry %s (task %r): %s: %s", self.keys.tasks, entry_id, task_id, reason, detail)
         dead: list[Any] = [
@@ -503,10 +741,11 @@ class Broker:
             "consumer", self.consumer, "dead_at", f"{time.time():.6f}",
         ]  # fmt: skip
         result: list[Any] = []
-        if reply_to:
+        notify = notify and bool(reply_to) and bool(task_id)
+        if notify:
             record = json.dumps({"reason": reason, "detail": detail, "deliveries": int(deliveries)}).encode()
             result = [*self._result_fields(task_id, DEAD, "json", record), "reason", reason, "entry", entry_id]
-        result_key = self.keys.results(reply_to) if reply_to else self.keys.dead
+        result_key = self.keys.results(reply_to) if notify else self.keys.dead
         done = self._run(
             self._dead_letter,
             [self.keys.tasks, self.keys.dead, result_key],
@@ -520,13 +759,24 @@ class Broker:
         task_id, status, codec = _text(fields.get(b"id")), _text(fields.get(b"status")), fields.get(b"codec", b"")
         payload = fields.get(b"payload", b"")
         reason = _text(fields[b"reason"]) if b"reason" in fields else None
+        why, detail = "", ""
         try:
             codec_obj = get_codec(_text(codec))
         except CodecError as exc:
             why, detail = "unknown codec", str(exc)
         else:
-            detail = self._signature_problem(codec_obj, fields, "result", b"id", b"status", b"codec", b"payload")
-            why = "bad signature" if detail else ""
+            if self._signer is not None:
+                signature = fields.get(b"signature")
+                signed = (fields.get(name, b"") for name in (b"id", b"status", b"codec", b"payload"))
+                if not signature:
+                    why, detail = "bad signature", "the message is not signed"
+                elif not self._signer.verify(signature, "result", *signed):
+                    why, detail = "bad signature", "the signature does not match the message"
+            if not why and not accepts(self._codec, codec_obj):
+                why, detail = (
+                    "codec refused",
+                    f"codec {codec_obj.name!r} can run code; this client's is {self._codec.name!r}",
+                )
         if why:
             log.warning("%s: rejecting result %s of task %r: %s: %s", key, eid, task_id, why, detail)
             return Result(eid, task_id, REJECTED, _text(codec), b"", why)
@@ -546,6 +796,10 @@ class Broker:
         ]
         if gone:
             self._run(self._forget, [self.keys.tasks, *map(self.keys.alive, gone)], [self.group, *gone])
+
+
+#: The fields a task's signature covers, in order (after the kind, ``task``).
+_SIGNED_TASK_FIELDS: Final = (b"id", b"reply_to", b"codec", b"expires", b"payload")
 
 
 def _missing(fields: dict[bytes, bytes], names: Iterable[bytes]) -> str:

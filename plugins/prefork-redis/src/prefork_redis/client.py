@@ -2,19 +2,35 @@
 
 ::
 
-    with Client("redis://10.0.0.5:6379/0", "thumbnails") as hosts:
-        print(hosts.submit("math:factorial", 20).result())
-        print(list(hosts.map("operator:add", [1, 2], [10, 20])))
+    with Client("redis://10.0.0.5:6379/0", "thumbnails", secret=KEY) as hosts:
+        print(hosts.submit("thumbnails.tasks:resize", "a.png", 64).result())
 
-A method is a ``"module:function"`` name the hosts import, or a function (a
-module-level one is sent by that name with the plain-data codecs; pickle
-codecs send it as it is).  Each client reads its own result stream in one
-thread; a task that failed raises :class:`RemoteError` (type, message, the
-host's traceback), a dead-lettered one :class:`DeadLettered`.
+A method is a name the hosts registered (see :mod:`prefork_redis.allow`), or
+a function (a module-level one is sent by its ``module:qualname`` with the
+plain-data codecs; object codecs send it as it is).  Every task is signed
+with the hosts' key (``secret=`` or ``$PREFORK_REDIS_SECRET``); a client of
+hosts that run ``insecure = true`` says ``insecure=True``.  Each client reads
+its own result stream in one thread; a task that failed raises
+:class:`RemoteError` (type, message, the host's traceback), a dead-lettered
+one :class:`DeadLettered`.
+
+Through Redis's outages a client keeps waiting: a submit that cannot reach
+Redis is sent again by the result thread (a task id is queued once, however
+often it is sent), reads are retried with backoff, and no future fails
+because of a failed call.  A future ends otherwise only when:
+
+- Redis lost the task (it restarted without persistence): :class:`TaskLost`;
+- Redis stayed unreachable for longer than ``broker_timeout`` (if set):
+  :class:`BrokerUnavailable`, which says the outcome is unknown;
+- the client is shut down without waiting.
+
+A result whose signature does not verify is logged and ignored: the future
+keeps waiting for the genuine one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -23,14 +39,22 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, Final
 
 from prefork.errors import RemoteTaskError
-from prefork_redis.broker import Broker
-from prefork_redis.errors import BadSignature, BrokerError
-from prefork_redis.records import DEAD, ERROR, OK, REJECTED
+from prefork_redis._outage import Outage, is_transient
+from prefork_redis.broker import Broker, Envelope
+from prefork_redis.errors import BrokerError, BrokerUnavailable, TaskLost
+from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Result
 
 __all__ = ["Client", "DeadLettered", "DispatcherClient", "RemoteError"]
+
+log = logging.getLogger("prefork.redis.client")
+
+#: How long one read of the result stream waits (ms); the socket timeout must be longer.
+READ_BLOCK_MS: Final = 500
+#: How often the result thread asks the server's run_id, to notice a restart it did not see fail.
+RESTART_CHECK_S: Final = 1.0
 
 
 class RemoteError(RemoteTaskError, BrokerError):
@@ -39,16 +63,53 @@ class RemoteError(RemoteTaskError, BrokerError):
 
 
 class DeadLettered(BrokerError):
-    """The task was dead-lettered (delivered ``max_deliveries`` times, or unreadable)."""
+    """The task was dead-lettered (delivered ``max_deliveries`` times, expired, or unreadable)."""
 
 
 class Client(Executor):
-    """Submit tasks to every host serving ``app`` on the Redis server at ``url``."""
+    """Submit tasks to every host serving ``app`` on the Redis server at ``url``.
 
-    def __init__(self, url: str, app: str, *, codec: str = "json", secret: str | bytes | None = None) -> None:
-        self.broker = Broker.from_url(url, app, codec=codec, secret=secret)
+    :param codec: how tasks are encoded (``json``; ``pickle`` and ``cloudpickle`` for hosts that accept them).
+    :param secret: the hosts' HMAC key (default ``$PREFORK_REDIS_SECRET``); every task is signed with it.
+    :param insecure: no key: send unsigned tasks, to hosts that run ``insecure = true``.
+    :param task_ttl_s: a task not started this long after its submit is never started (``DeadLettered``).
+    :param broker_timeout: seconds of Redis outage after which waiting futures fail with
+        :class:`BrokerUnavailable` (outcome unknown); None (default): wait for Redis, bounded only by
+        each ``future.result(timeout)``.
+    :param socket_timeout: seconds before a call that Redis does not answer fails (and is retried).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        app: str,
+        *,
+        codec: str = "json",
+        secret: str | bytes | None = None,
+        insecure: bool = False,
+        task_ttl_s: int = 3_600,
+        broker_timeout: float | None = None,
+        socket_timeout: float = 10.0,
+    ) -> None:
+        if broker_timeout is not None and (
+            not isinstance(broker_timeout, int | float) or isinstance(broker_timeout, bool) or broker_timeout <= 0
+        ):
+            raise BrokerError(f"broker_timeout must be None or a positive number of seconds, not {broker_timeout!r}")
+        if not isinstance(socket_timeout, int | float) or socket_timeout <= READ_BLOCK_MS / 1000:
+            raise BrokerError(
+                f"socket_timeout must be longer than the client's read wait ({READ_BLOCK_MS / 1000} s), "
+                f"not {socket_timeout!r}"
+            )
+        self.broker = Broker.from_url(
+            url, app, codec=codec, secret=secret, insecure=insecure, task_ttl_s=task_ttl_s,
+            socket_timeout=socket_timeout,
+        )  # fmt: skip
+        self.broker_timeout = broker_timeout
         self.client_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.outage = Outage(f"Redis at {self.broker.where}", log)
         self._futures: dict[str, Future[Any]] = {}
+        self._sent: dict[str, str | None] = {}  # task id -> entry id (None: an earlier try queued it)
+        self._unsent: dict[str, Envelope] = {}  # submitted while Redis was unreachable: the reader sends them
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._reader = threading.Thread(target=self._read, name="prefork-redis-results", daemon=True)
@@ -63,39 +124,128 @@ class Client(Executor):
         task_id = uuid.uuid4().hex
         future: Future[Any] = Future()
         future.task_id = task_id  # type: ignore[attr-defined]  # the id the hosts see, for idempotent effects
+        envelope = self.broker.prepare(task_id, {"method": method, "args": list(args), "kwargs": kwargs}, self.client_id)
         with self._lock:
             self._futures[task_id] = future
         try:
-            self.broker.submit(task_id, {"method": method, "args": list(args), "kwargs": kwargs}, self.client_id)
-        except BaseException:
+            entry_id = self.broker.send(envelope)
+        except BaseException as exc:
+            if not is_transient(exc):
+                with self._lock:
+                    self._futures.pop(task_id, None)
+                raise
+            self.outage.failed(exc)
             with self._lock:
-                self._futures.pop(task_id, None)
-            raise
+                self._unsent[task_id] = envelope  # the reader sends it when Redis answers
+            return future
+        with self._lock:
+            if task_id in self._futures:
+                self._sent[task_id] = entry_id
         return future
 
+    # -- the result thread ----------------------------------------------------------
+
     def _read(self) -> None:
+        run_id: str | None = None
+        next_check = 0.0
         while not self._closed.is_set():
             try:
-                results = self.broker.results(self.client_id, block_ms=500)
-            except Exception as exc:  # the server went away: fail what waits, keep trying
-                self._fail_all(BrokerError(f"reading results from Redis failed: {exc!r}"))
-                self._closed.wait(0.5)
-                continue
-            for result in results:
-                with self._lock:
-                    future = self._futures.pop(result.task_id, None)
-                if future is None or not future.set_running_or_notify_cancel():
+                if self._unsent:
+                    self._send_unsent()
+                if time.monotonic() >= next_check:
+                    current = self.broker.server_id()
+                    if run_id is not None and current != run_id:
+                        self._after_restart()
+                    run_id = current
+                    next_check = time.monotonic() + RESTART_CHECK_S
+                self._read_results(READ_BLOCK_MS)
+                self.outage.ok()
+            except Exception as exc:  # an outage (or a bug: logged once, and retried as one)
+                delay = self.outage.failed(exc)
+                next_check = 0.0  # when it answers: has it restarted?
+                self._give_up_if_unreachable()
+                self._closed.wait(delay)
+
+    def _read_results(self, block_ms: int | None) -> int:
+        """Read, settle, then delete: a delete that fails (or runs late, after a timeout) never loses a
+        result, and a result read twice finds its future gone."""
+        results = self.broker.results(self.client_id, block_ms=block_ms, delete=False)
+        self._settle_all(results)
+        self.broker.delete_results(self.client_id, [r.entry_id for r in results])
+        return len(results)
+
+    def _send_unsent(self) -> None:
+        with self._lock:
+            waiting = list(self._unsent.items())
+        for task_id, envelope in waiting:
+            with self._lock:
+                if task_id not in self._futures:
+                    self._unsent.pop(task_id, None)
                     continue
-                try:
-                    self._settle(future, result)
-                except Exception as exc:
-                    future.set_exception(exc)
+            entry_id = self.broker.send(envelope)  # None: an earlier try had queued it
+            with self._lock:
+                self._unsent.pop(task_id, None)
+                if task_id in self._futures:
+                    self._sent[task_id] = entry_id
+
+    def _after_restart(self) -> None:
+        """Redis restarted: fail, with :class:`TaskLost`, the waiting tasks it has no trace of."""
+        with self._lock:
+            waiting = len(self._sent)
+        log.warning("Redis at %s restarted; checking the %d task(s) waiting for a result", self.broker.where, waiting)
+        for _ in range(waiting // 100 + 10):  # what was published before it went down comes first
+            if not self._read_results(None):
+                break
+        with self._lock:
+            sent = {tid: entry for tid, entry in self._sent.items() if tid in self._futures}
+        for task_id in self.broker.missing(sent):
+            self._end(task_id, TaskLost(
+                f"Redis at {self.broker.where} lost task {task_id!r} (it restarted without its data: no "
+                "persistence?): it will not start again, though it may have run, in part or whole, before the loss"
+            ))  # fmt: skip
+
+    def _give_up_if_unreachable(self) -> None:
+        if self.broker_timeout is None:
+            return
+        down = self.outage.down_for
+        if down <= self.broker_timeout:
+            return
+        with self._lock:
+            waiting = list(self._futures)
+        for task_id in waiting:
+            self._end(task_id, BrokerUnavailable(
+                f"Redis at {self.broker.where} has been unreachable for {down:.1f} s (broker_timeout="
+                f"{self.broker_timeout:g} s): the outcome of task {task_id!r} is unknown; it may still run when "
+                f"Redis answers again, until it expires (task_ttl_s={self.broker.task_ttl_s} s after its submit)"
+            ))  # fmt: skip
+
+    def _end(self, task_id: str, exc: BaseException) -> None:
+        with self._lock:
+            future = self._futures.pop(task_id, None)
+            self._sent.pop(task_id, None)
+            self._unsent.pop(task_id, None)
+        if future is not None and future.set_running_or_notify_cancel():
+            future.set_exception(exc)
+
+    def _settle_all(self, results: list[Result]) -> None:
+        for result in results:
+            if result.status == REJECTED:
+                log.warning("ignored a result for task %r that failed its check (%s): still waiting for the real one",
+                            result.task_id, result.reason)  # fmt: skip
+                continue
+            with self._lock:
+                future = self._futures.pop(result.task_id, None)
+                self._sent.pop(result.task_id, None)
+                self._unsent.pop(result.task_id, None)
+            if future is None or not future.set_running_or_notify_cancel():
+                continue
+            try:
+                self._settle(future, result)
+            except Exception as exc:
+                future.set_exception(exc)
 
     @staticmethod
-    def _settle(future: Future[Any], result: Any) -> None:
-        if result.status == REJECTED:
-            future.set_exception(BadSignature(f"the result of task {result.task_id!r} was rejected: {result.reason}"))
-            return
+    def _settle(future: Future[Any], result: Result) -> None:
         value = result.decode()
         if result.status == OK:
             future.set_result(value)
@@ -105,7 +255,9 @@ class Client(Executor):
                 RemoteError(str(info.get("type", "Error")), str(info.get("message", "")), str(info.get("traceback", "")))
             )
         elif result.status == DEAD:
-            future.set_exception(DeadLettered(f"task {result.task_id!r} was dead-lettered: {result.reason or value!r}"))
+            detail = value.get("detail", "") if isinstance(value, dict) else ""
+            why = f"{result.reason}: {detail}" if detail else (result.reason or repr(value))
+            future.set_exception(DeadLettered(f"task {result.task_id!r} was dead-lettered: {why}"))
         else:
             future.set_exception(BrokerError(f"task {result.task_id!r}: unknown result status {result.status!r}"))
 
@@ -113,6 +265,8 @@ class Client(Executor):
         with self._lock:
             waiting = list(self._futures.values())
             self._futures.clear()
+            self._sent.clear()
+            self._unsent.clear()
         for future in waiting:
             if future.set_running_or_notify_cancel():
                 future.set_exception(exc)
@@ -162,8 +316,10 @@ class DispatcherClient:
         upon_result: Callable[[dict[str, Any], Any], Any] | None = None,
         codec: str = "json",
         secret: str | bytes | None = None,
+        **options: Any,
     ) -> None:
-        self.client = Client(url, app, codec=codec, secret=secret)
+        """``options`` are :class:`Client`'s: ``insecure``, ``task_ttl_s``, ``broker_timeout``, ``socket_timeout``."""
+        self.client = Client(url, app, codec=codec, secret=secret, **options)
         self._upon_result = upon_result
 
     def new_request(self, request: dict[str, Any]) -> str:

@@ -15,7 +15,12 @@ cross hosts need (:data:`NETWORK_OPTIONS`).  Two kinds:
 A signature is HMAC-SHA256 over a length-prefixed frame: a protocol tag, the
 message kind (``task`` or ``result``, so a result cannot be replayed as a
 task) and the fields the kind names (the task id, the payload and the fields
-that route or qualify it); see :meth:`Signer.sign`.
+that route or qualify it, a task's expiry too); see :meth:`Signer.sign`.
+
+Which codecs a broker decodes: plain data always; ``pickle`` and
+``cloudpickle`` only when its own codec is one of them (:func:`accepts`), so a
+host or client configured for JSON never unpickles, even what a key holder
+signed.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from prefork_redis.errors import CodecError
 
 __all__ = [
     "NETWORK_OPTIONS",
+    "PROTOCOL",
     "SECRET_ENV",
     "Codec",
     "Signer",
+    "accepts",
     "codec_names",
     "get_codec",
     "require_signer",
@@ -43,7 +50,10 @@ __all__ = [
 SECRET_ENV: Final = "PREFORK_REDIS_SECRET"
 #: An HMAC key shorter than this is refused as a likely mistake.
 MIN_SECRET_BYTES: Final = 16
-_FRAME_TAG: Final = b"prefork-redis/1"
+#: The protocol version: a task entry's ``v`` field, and the tag its signature frame starts with.
+#: v2 added ``v`` and ``expires`` (signed); a v1 entry is dead-lettered unopened.
+PROTOCOL: Final = "2"
+_FRAME_TAG: Final = b"prefork-redis/" + PROTOCOL.encode()
 
 
 #: A codec is a prefork serializer: ``name``, ``objects`` (can decoding run code?),
@@ -115,8 +125,8 @@ class Signer:
 
         The frame is ``tag, kind, fields...``, each prefixed with its length
         (8 bytes, big-endian), so no two field lists share a frame.  The broker
-        signs a task over ``(task id, reply_to, codec, payload)`` and a result
-        over ``(task id, status, codec, payload)``.
+        signs a task over ``(task id, reply_to, codec, expires, payload)`` and a
+        result over ``(task id, status, codec, payload)``.
         """
         mac = hmac.new(self._key, digestmod=hashlib.sha256)
         for part in (_FRAME_TAG, kind.encode(), *fields):
@@ -129,6 +139,12 @@ class Signer:
         if not signature:
             return False
         return hmac.compare_digest(signature, self.sign(kind, *fields))
+
+
+def accepts(own: Codec, other: Codec) -> bool:
+    """Whether a broker whose codec is ``own`` decodes a message in ``other``: plain data
+    always, an object codec only when ``own`` is one (its key holders are trusted with code)."""
+    return not other.objects or own.objects
 
 
 def require_signer(codec: Codec, signer: Signer | None) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefork.errors import PreforkError
 
-__all__ = ["BadSignature", "BrokerError", "CodecError", "GroupMissing", "ServerTooOld"]
+__all__ = ["BadSignature", "BrokerError", "BrokerUnavailable", "CodecError", "GroupMissing", "ServerTooOld", "TaskLost"]
 
 
 class BrokerError(PreforkError):
@@ -12,7 +12,7 @@ class BrokerError(PreforkError):
 
 
 class ServerTooOld(BrokerError):
-    """The Redis server lacks commands protocol v1 needs (Redis >= 6.2)."""
+    """The Redis server lacks commands the protocol needs (Redis >= 6.2)."""
 
 
 class GroupMissing(BrokerError):
@@ -25,3 +25,13 @@ class CodecError(BrokerError, ValueError):
 
 class BadSignature(BrokerError):
     """A message's HMAC signature is missing or wrong; it was not decoded."""
+
+
+class TaskLost(BrokerError):
+    """Redis lost the task's records (a restart without persistence, a flush): it will
+    not start again, though it may have run, in part or whole, before the loss."""
+
+
+class BrokerUnavailable(BrokerError):
+    """Redis stayed unreachable for longer than the client's ``broker_timeout``: the
+    task's outcome is unknown (it may still run once Redis answers again)."""

@@ -51,7 +51,9 @@ class Keys:
         return self.prefix + "dead"
 
     def dedup(self, task_id: str) -> str:
-        """Set (NX, with a TTL) by the first submit of ``task_id``."""
+        """The entry that owns ``task_id``: set (NX, with a TTL) by the first submit,
+        checked by every host before it runs the task (replays are refused), and kept
+        at least until the task expires."""
         return f"{self.prefix}dedup:{task_id}"
 
     def results(self, client_id: str) -> str:
@@ -69,6 +71,8 @@ class Task:
 
     ``deliveries`` counts this delivery: 1 the first time, more after
     reclaims.  ``payload`` is encoded with ``codec``; :meth:`decode` decodes it.
+    ``expires_at`` (Unix time, seconds) is the signed instant after which no
+    host starts it.
     """
 
     entry_id: str
@@ -78,6 +82,7 @@ class Task:
     payload: bytes = attrs.field(repr=False)
     deliveries: int
     submitted_at: float | None = None
+    expires_at: float | None = None
 
     def decode(self) -> Any:
         """The submitted value."""

@@ -1,21 +1,35 @@
-"""A prefork pool serving a Redis stream: the supervisor side of protocol v1.
+"""A prefork pool serving a Redis stream: the supervisor side of the protocol.
 
 ``serve(pool)`` is what ``prefork run`` calls with ``app = "prefork_redis:serve"``
 and ``[transport] name = "redis"``; it returns when ``stop`` is set, and on
 the way out (a signal's exception included) gives back every task it holds.
 
 A task's value is ``{"method": ..., "args": [...], "kwargs": {...}}``: the
-method is a ``"module:function"`` name the pool's resolver finds (any codec)
-or a function (pickle codecs).  What the loop does, and when:
+method is a name the host registered (see :mod:`prefork_redis.allow`; any
+other name is answered with a ``MethodNotAllowed`` error and never reaches a
+worker), or a function (object codecs, whose key holders are trusted with
+code).  What the loop does, and when:
 
 - fetch: as many tasks as there are free workers, never more;
-- every ``lease_ms / 3``: renew the leases of the running tasks (those lost
-  are dropped: their results would be fenced off anyway), and reap tasks
-  of dead hosts into the free workers;
+- every ``lease_ms / 3``: renew the leases of the tasks held (running, or
+  whose result is being published; those lost are dropped: their results
+  would be fenced off anyway), and reap tasks of dead hosts into the free
+  workers;
 - a result: published and acked by ``Broker.complete`` in a thread of its
-  own (``complete``), so a slow Redis never stalls the pool's loop;
+  own (``complete``), so a slow Redis never stalls the pool's loop; the task
+  stays held (renewed) until its result is published, however long Redis is
+  away;
 - a worker died (``WorkerLost``): the task is released at once, for any
-  host; after ``max_deliveries`` the reaper dead-letters it.
+  host; after ``max_deliveries`` the reaper dead-letters it;
+- Redis unreachable (a restart, a freeze, ``LOADING``...): every call is
+  retried with bounded backoff and jitter; the outage is logged once, and its
+  end once; tasks keep running.  After an outage the host renews at once and
+  waits one lease before reaping others' tasks (each live host renews within
+  a third of a lease of Redis coming back), so a short outage does not send
+  every running task to a second host;
+- the group gone (Redis restarted without persistence): the tasks held are
+  dropped (their clients learn that Redis lost them) and the group is made
+  again.
 """
 
 from __future__ import annotations
@@ -29,8 +43,13 @@ from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from prefork import WorkerLost, current_worker
-from prefork_redis.errors import BrokerError
-from prefork_redis.records import ERROR
+from prefork.config import Config
+from prefork.errors import ConfigError
+from prefork_redis._outage import Outage, is_transient
+from prefork_redis.allow import Gate, remote_gate
+from prefork_redis.codec import get_codec
+from prefork_redis.errors import BrokerError, GroupMissing
+from prefork_redis.records import ERROR, OK, Task
 from prefork_redis.transport import RedisTransport
 
 __all__ = ["serve", "task_id"]
@@ -78,14 +97,43 @@ def serve(pool: Any, stop: threading.Event | None = None) -> int:
         raise BrokerError(
             f"prefork_redis:serve needs [transport] name = \"redis\" in the configuration, not {transport.name!r}"
         )
+    gate = _gate(pool.config, transport)
     broker = transport.broker()
-    broker.setup()
-    server = _Server(pool, broker, transport.block_ms)
+    if transport.insecure:
+        log.warning(
+            "INSECURE: insecure = true: tasks are not signed, so anyone who can write to the Redis server at %s "
+            "can submit work to this host (it runs only what the host allows: %s)", broker.where, gate.what,
+        )  # fmt: skip
+    stop = stop or threading.Event()
+    server = _Server(pool, broker, transport.block_ms, gate)
     try:
-        server.run(stop or threading.Event())
+        if server.start(stop):
+            server.run(stop)
     finally:
         server.close()
     return 0
+
+
+def _gate(config: Config, transport: RedisTransport) -> Gate:
+    """What remote tasks may call here; a config error when nothing may be."""
+    resolver = config.create("resolver")
+    gate = remote_gate(resolver, transport.allow_any_import)
+    if transport.allow_any_import:
+        log.warning(
+            "allow_any_import = true: a remote task may call any function the %r resolver finds, imports included: "
+            "whoever can submit tasks can run any code on this host", resolver.name,
+        )  # fmt: skip
+    elif gate.size == 0 and not get_codec(transport.codec).objects:  # an object codec's tasks may be functions
+        source = config.sources.get("resolver.name") or config.sources.get("resolver") or "defaults"
+        raise ConfigError(
+            f"{source}: resolver.name = {resolver.name!r}: registers no method a remote task may call, and "
+            "the redis transport never imports whatever a task names; register them: "
+            '[resolver] name = "allow" with allow = ["package.module:*"] or methods = {...} '
+            "(or set transport.allow_any_import = true to trust whoever can submit with any code)"
+        )
+    else:
+        log.info("remote tasks may call what %s registers", gate.what)
+    return gate
 
 
 def _error(exc: BaseException) -> dict[str, str]:
@@ -95,37 +143,84 @@ def _error(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc), "traceback": remote or text}
 
 
+class _Reply:
+    """An answer decided in the supervisor (a malformed task, a method not allowed)."""
+
+    __slots__ = ("status", "value")
+
+    def __init__(self, status: str, value: Any) -> None:
+        self.status = status
+        self.value = value
+
+
 class _Server:
-    def __init__(self, pool: Any, broker: Any, block_ms: int) -> None:
+    def __init__(self, pool: Any, broker: Any, block_ms: int, gate: Gate) -> None:
         self.pool = pool
         self.broker = broker
         self.block_ms = block_ms
-        self.running: dict[str, tuple[Any, Future[Any]]] = {}  # entry id -> (task, future)
+        self.gate = gate
+        self.running: dict[str, tuple[Task, Future[Any]]] = {}  # entry id -> (task, future): a worker runs it
+        self.answering: dict[str, Task] = {}  # entry id -> task: its answer is being published
         # a pool whose serializer carries objects gets each method wrapped with its task id
         self._wrap = bool(pool.config.create("serializer").objects)
         self._lock = threading.Lock()
-        self._done: queue.SimpleQueue[tuple[Any, Future[Any]] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[Task, Future[Any] | _Reply] | None] = queue.SimpleQueue()
         self._freed = threading.Event()  # a running task ended: the fetch loop may fetch again
+        self._closing = threading.Event()
+        self.outage = Outage(f"Redis at {broker.where}", log)
+        self._next_tick = 0.0
+        self._reap_after = 0.0
         self._completer = threading.Thread(target=self._complete_loop, name="prefork-redis-complete", daemon=True)
         self._completer.start()
 
     # -- the fetch loop (the caller's thread) ---------------------------------------
 
+    def start(self, stop: threading.Event) -> bool:
+        """Set up the consumer, waiting out an outage; False when stopped first."""
+        while not stop.is_set():
+            try:
+                self.broker.setup()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                stop.wait(self.outage.failed(exc))
+                continue
+            self._ok()
+            return True
+        return False
+
     def run(self, stop: threading.Event) -> None:
         every = self.broker.lease_ms / 3000
-        next_tick = 0.0
         while not stop.is_set():
-            now = time.monotonic()
-            if now >= next_tick:
-                self._tick()
-                next_tick = now + every
-            self._freed.clear()
-            free = self._free()
-            if free:
-                wait = max(1, min(self.block_ms, int((next_tick - time.monotonic()) * 1000)))
-                self._start(self.broker.fetch(free, block_ms=wait))
-            else:  # every worker busy: wait until one is free (or the next tick)
-                self._freed.wait(max(0.0, min(0.2, next_tick - time.monotonic())))  # 0.2: notice stop
+            try:
+                self._step(every)
+            except GroupMissing as exc:
+                self._ok()
+                self._lose_everything(exc)  # the next fetch makes the group again
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                stop.wait(self.outage.failed(exc))
+
+    def _step(self, every: float) -> None:
+        if time.monotonic() >= self._next_tick:
+            self._tick()
+            self._next_tick = time.monotonic() + every
+        self._freed.clear()
+        free = self._free()
+        if free:
+            wait = max(1, min(self.block_ms, int((self._next_tick - time.monotonic()) * 1000)))
+            tasks = self.broker.fetch(free, block_ms=wait)
+            self._ok()
+            self._start(tasks)
+        else:  # every worker busy: wait until one is free (or the next tick)
+            self._freed.wait(max(0.0, min(0.2, self._next_tick - time.monotonic())))  # 0.2: notice stop
+
+    def _ok(self) -> None:
+        """A call to Redis succeeded: if that ends an outage, renew at once and hold off reaping for a lease."""
+        if self.outage.ok() is not None:
+            self._next_tick = 0.0
+            self._reap_after = time.monotonic() + self.broker.lease_ms / 1000
 
     def _free(self) -> int:
         with self._lock:
@@ -134,32 +229,64 @@ class _Server:
 
     def _tick(self) -> None:
         with self._lock:
-            held = list(self.running)
-        for entry_id in self.broker.renew(held):  # renewing nothing still keeps this host alive
+            held = [*self.running, *self.answering]
+        lost_ids = self.broker.renew(held)  # renewing nothing still keeps this host alive
+        self._ok()
+        for entry_id in lost_ids:
             with self._lock:
                 lost = self.running.pop(entry_id, None)
+                answering = self.answering.pop(entry_id, None)
             if lost is not None:
                 log.warning("lost the lease of task %s (entry %s): another host runs it", lost[0].task_id, entry_id)
                 lost[1].cancel()
+            elif answering is not None:  # a completion whose reply was lost may have published it
+                log.warning("task %s (entry %s) is not this host's any more: its answer was published by a call "
+                            "whose reply was lost, or another host took it", answering.task_id, entry_id)  # fmt: skip
+        if time.monotonic() < self._reap_after:
+            return
         free = self._free()
         if free:
             self._start(self.broker.reap(free))
 
-    def _start(self, tasks: list[Any]) -> None:
+    def _start(self, tasks: list[Task]) -> None:
         for task in tasks:
             with self._lock:
-                if task.entry_id in self.running:
-                    continue  # already running here: keep that run
+                if task.entry_id in self.running or task.entry_id in self.answering:
+                    continue  # already held here: keep that run
             try:
                 method, args, kwargs = _call(task.decode())
             except Exception as exc:
-                self._finish(task, ERROR, _error(exc))
+                self._reply(task, ERROR, _error(exc))
+                continue
+            if isinstance(method, str) and not self.gate.permits(method):
+                log.warning("refused task %s: method %r is not allowed here", task.task_id, method)
+                self._reply(task, ERROR, {
+                    "type": "MethodNotAllowed",
+                    "message": f"method {method!r} is not allowed on this host: a remote task may call only what "
+                               "the host registers (see 'Threat model' in docs/scale-out.md)",
+                    "traceback": "",
+                })  # fmt: skip
                 continue
             call = _WithTaskId(task.task_id, method) if self._wrap else method
             future = self.pool.submit(call, *args, **kwargs)
             with self._lock:
                 self.running[task.entry_id] = (task, future)
             future.add_done_callback(lambda fut, task=task: self._done.put((task, fut)))
+
+    def _reply(self, task: Task, status: str, value: Any) -> None:
+        with self._lock:
+            self.answering[task.entry_id] = task
+        self._done.put((task, _Reply(status, value)))
+
+    def _lose_everything(self, exc: BaseException) -> None:
+        with self._lock:
+            held = list(self.running.values())
+            count = len(held) + len(self.answering)
+            self.running.clear()
+            self.answering.clear()
+        for _task, fut in held:
+            fut.cancel()
+        log.warning("%s; dropping the %d task(s) held here (Redis lost them: their clients are told so)", exc, count)
 
     # -- results (the completer thread) ------------------------------------------------
 
@@ -168,59 +295,114 @@ class _Server:
             item = self._done.get()
             if item is None:
                 return
-            task, fut = item
+            task, outcome = item
             with self._lock:
-                mine = self.running.pop(task.entry_id, None) is not None
-            if not mine:
-                continue  # its lease was lost: another host answers it
+                if isinstance(outcome, Future):
+                    held = self.running.get(task.entry_id)
+                    if held is None or held[1] is not outcome:
+                        continue  # its lease was lost (the entry may run here again, as another run)
+                    del self.running[task.entry_id]
+                    self.answering[task.entry_id] = task
+                elif task.entry_id not in self.answering:
+                    continue
+            self._freed.set()
             try:
-                self._answer(task, fut)
+                self._answer(task, outcome)
             except Exception:
                 log.exception("answering task %s failed", task.task_id)
-            self._freed.set()
+            finally:
+                with self._lock:
+                    self.answering.pop(task.entry_id, None)
 
-    def _answer(self, task: Any, fut: Future[Any]) -> None:
+    def _answer(self, task: Task, outcome: Future[Any] | _Reply) -> None:
+        if isinstance(outcome, _Reply):
+            self._publish(task, outcome.status, outcome.value)
+            return
         try:
-            value = fut.result()
+            value = outcome.result()
         except CancelledError:
-            self.broker.release(task.entry_id)
+            self._publish(task, None, None)
             return
         except WorkerLost as exc:
             # not this task's fault, maybe: any host may take it now; the reaper
             # dead-letters it after max_deliveries
             log.warning("task %s lost its worker (%s); released", task.task_id, exc)
-            self.broker.release(task.entry_id)
+            self._publish(task, None, None)
             return
         except BaseException as exc:
-            self._finish(task, ERROR, _error(exc))
+            self._publish(task, ERROR, _error(exc))
             return
+        self._publish(task, OK, value)
+
+    def _publish(self, task: Task, status: str | None, value: Any) -> None:
+        """Complete the task with ``status`` (None: release it), retrying through outages
+        until done, its lease is lost, or the server closes."""
+        retried = False
+        while True:
+            with self._lock:
+                if task.entry_id not in self.answering:
+                    return  # renew found the lease lost meanwhile
+            try:
+                if status is None:
+                    self.broker.release(task.entry_id)
+                elif not self._complete(task, status, value):
+                    if retried:  # the call before the outage may have published it: the script tells not which
+                        log.info("task %s: its result was published before the outage, or its lease was lost",
+                                 task.task_id)  # fmt: skip
+                    else:
+                        log.warning("the result of task %s was discarded: its lease was lost to another host",
+                                    task.task_id)  # fmt: skip
+                self._ok()
+                return
+            except GroupMissing as exc:
+                self._ok()  # Redis answered: without the group (it restarted empty, or the stream was deleted)
+                log.warning("the result of task %s was dropped: %s", task.task_id, exc)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                retried = True
+                if self._closing.wait(self.outage.failed(exc)):
+                    log.warning("stopping with the answer to task %s unpublished (Redis unreachable): "
+                                "a host runs it again after the lease", task.task_id)  # fmt: skip
+                    return
+
+    def _complete(self, task: Task, status: str, value: Any) -> bool:
         try:
-            if not self.broker.complete(task, value):
-                log.warning("the result of task %s was discarded: its lease was lost to another host", task.task_id)
+            done: bool = self.broker.complete(task, value, status=status)
         except (TypeError, ValueError, OverflowError) as exc:  # the codec cannot carry the result
             error = TypeError(f"the result of task {task.task_id!r} cannot be encoded with {task.codec!r}: {exc}")
-            self._finish(task, ERROR, _error(error))
-
-    def _finish(self, task: Any, status: str, value: Any) -> None:
-        self.broker.complete(task, value, status=status)
+            done = self.broker.complete(task, _error(error), status=ERROR)
+        return done
 
     def close(self) -> None:
         """Give back what is still held (a stop while tasks run) and leave the group."""
+        self._closing.set()
         with self._lock:
             held = list(self.running.values())
             self.running.clear()
+        kept = 0  # tasks not given back: Redis is unreachable
         for task, fut in held:
             fut.cancel()
+            if kept:
+                kept += 1
+                continue
             try:
                 self.broker.release(task.entry_id)
-            except Exception:
-                log.exception("releasing task %s failed", task.task_id)
+            except Exception as exc:
+                if is_transient(exc):
+                    kept += 1
+                else:
+                    log.exception("releasing task %s failed", task.task_id)
+        if kept:
+            log.warning("could not give back %d task(s): Redis is unreachable; hosts take them after the lease", kept)
         self._done.put(None)
         self._completer.join(10)
         try:
             self.broker.leave()
-        except Exception:
-            log.exception("leaving the consumer group failed")
+        except Exception as exc:
+            if not is_transient(exc):
+                log.exception("leaving the consumer group failed")
 
 
 def _call(value: Any) -> tuple[Any, list[Any], dict[str, Any]]:
