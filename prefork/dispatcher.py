@@ -344,6 +344,20 @@ class _Handler(SimpleXMLRPCRequestHandler):
         except OSError:
             pass
 
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        length = self.headers.get("content-length")
+        try:
+            size = int(length) if length is not None else 0
+        except ValueError:
+            self.send_error(400, "bad Content-Length")
+            return False
+        if size > self.server.max_body:
+            self.send_error(413, f"request body over {self.server.max_body} bytes")
+            return False
+        return True
+
     def decode_request_content(self, data: bytes) -> bytes | None:
         self._deadline.cancel()  # the request is in: the call itself may take its time
         return super().decode_request_content(data)
@@ -361,6 +375,7 @@ class _ThreadedServer(ThreadingMixIn, SimpleXMLRPCServer):
     allow_reuse_address = True
     read_timeout = 10.0
     max_connections = 64
+    max_body = 10 * 2**20
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -420,7 +435,8 @@ class XMLRPCFront:
     ``timeout`` bounds the wait for a call's answer; ``read_timeout`` bounds the
     time a client may take to send its whole request (a half-open or trickling
     connection is closed then); at most ``max_connections`` are served at once,
-    and a client past that is refused at once."""
+    and a client past that is refused at once; a body over ``max_body`` bytes is
+    answered 413 without being read."""
 
     def __init__(
         self,
@@ -431,12 +447,18 @@ class XMLRPCFront:
         *,
         read_timeout: float = 10.0,
         max_connections: int = 64,
+        max_body: int = 10 * 2**20,
     ) -> None:
         if not read_timeout > 0:
             raise ValueError(f"XMLRPCFront: read_timeout = {read_timeout!r}: must be > 0 seconds")
         if max_connections < 1:
             raise ValueError(f"XMLRPCFront: max_connections = {max_connections!r}: must be >= 1")
-        server_class = type("_Server", (_ThreadedServer,), {"read_timeout": read_timeout, "max_connections": max_connections})
+        if max_body < 1:
+            raise ValueError(f"XMLRPCFront: max_body = {max_body!r}: must be >= 1 byte")
+        server_class = type(
+            "_Server", (_ThreadedServer,),
+            {"read_timeout": read_timeout, "max_connections": max_connections, "max_body": max_body},
+        )
         self.server = server_class((host, port), requestHandler=_Handler, allow_none=True, logRequests=False)
         self.server.register_instance(_Forwarder(dispatcher, timeout))
         self._thread: threading.Thread | None = None

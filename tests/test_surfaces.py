@@ -211,3 +211,31 @@ def test_set_values_nested_deep_do_not_crash_the_command(tmp_path: Path) -> None
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _post(port: int, body: bytes, length: int | None = None) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        head = f"POST /RPC2 HTTP/1.0\r\nContent-Type: text/xml\r\nContent-Length: {len(body) if length is None else length}\r\n\r\n"
+        s.sendall(head.encode() + body)
+        chunks = []
+        while True:
+            got = s.recv(65536)
+            if not got:
+                return b"".join(chunks)
+            chunks.append(got)
+
+
+def test_malformed_xml_billion_laughs_and_huge_bodies_are_refused_and_the_front_serves_on() -> None:
+    laughs = (b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
+              + b"".join(f'<!ENTITY {chr(98 + i)} "{("&" + chr(97 + i) + ";") * 10}">'.encode() for i in range(9))
+              + b']><methodCall><methodName>add</methodName><params><param><value><string>&j;</string></value></param>'
+              b"</params></methodCall>")
+    with Dispatcher(methods={"add": add}, max_forks=1) as d, XMLRPCFront(d, max_body=1 << 20) as front:
+        port = front.server.server_address[1]
+        t0 = time.monotonic()
+        assert b"faultCode" in _post(port, b"<methodCall><methodName>add</methodName><params><param>")
+        answer = _post(port, laughs)
+        assert b"faultCode" in answer or answer.startswith(b"HTTP/1.0 500")
+        assert _post(port, b"x" * 100, length=100 * 2**20).startswith(b"HTTP/1.0 413")  # refused before reading
+        assert time.monotonic() - t0 < 5
+        assert xmlrpc.client.ServerProxy(front.url).add(1, 1) == 2
