@@ -80,7 +80,10 @@ class WorkerHandle:
     self-feeding workers (the MPM profile), whose body finds its own work.
     """
 
-    __slots__ = ("_base", "_budget", "_channel", "_ctx", "_resolved", "_rss_base", "_words", "info", "leaving", "requests")
+    __slots__ = (
+        "_base", "_budget", "_channel", "_ctx", "_resolved", "_rss_base", "_words", "channel_lost", "info", "leaving",
+        "requests",
+    )
 
     def __init__(self, ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> None:
         self.info = info
@@ -94,6 +97,8 @@ class WorkerHandle:
         self._rss_base = 0
         #: set when the worker should leave at its next idle(), e.g. by a SIGTERM while busy
         self.leaving = ""
+        #: a send on the channel to the supervisor failed: the supervisor closed it (or is gone)
+        self.channel_lost = False
         self._resolved: dict[str, Callable[..., Any]] = {}
 
     def resolve(self, method: Any) -> Callable[..., Any]:
@@ -109,7 +114,12 @@ class WorkerHandle:
         Each message arrives whole, whatever its size, and never interleaves with
         another worker's.  Raises ``TypeError`` when the serializer refuses ``data``.
         """
-        self._channel.send(_frames.encode_data(self._dump(data), None))
+        frame = _frames.encode_data(self._dump(data), None)
+        try:
+            self._channel.send(frame)
+        except (BrokenPipeError, ConnectionResetError):
+            self.channel_lost = True  # the body's end is then no failure of its own
+            raise
 
     def _dump(self, data: Any) -> bytes:
         ser = self._ctx.serializer
@@ -353,12 +363,13 @@ def _run_body(ctx: WorkerContext, info: WorkerInfo, handle: WorkerHandle) -> int
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         reason = handle.leaving or "exit() called"
-    except (BrokenPipeError, ConnectionResetError):
-        reason = "the supervisor closed the channel"
-    except BaseException:
-        print(f"prefork: the body of worker {info.pid} failed:", file=sys.stderr)
-        traceback.print_exc()
-        return EXIT_BODY_FAILED
+    except BaseException as exc:
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError)) and handle.channel_lost:
+            reason = "the supervisor closed the channel"  # a yell() found it closed
+        else:  # a client's reset or broken pipe is the body's failure like any other
+            print(f"prefork: the body of worker {info.pid} failed:", file=sys.stderr)
+            traceback.print_exc()
+            return EXIT_BODY_FAILED
     ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
     return leave(ctx, info, reason) or code
 
@@ -477,9 +488,9 @@ class _ResultBuffer:
 
     def flush(self) -> None:
         frame = self._area[: 1 + self.size]
-        if self._send_parts is not None:
-            self._send_parts([frame])
+        if self._send_parts is not None and self.size >= _frames.BIG_PAYLOAD:
+            self._send_parts([frame])  # no copy of a large batch
         else:
-            self._channel.send(bytes(frame))
+            self._channel.send(bytes(frame))  # a small one: one copy, one plain send
         self._words[self._index] = 0  # after the send: an unsent record is never forgotten
         self.size = 0

@@ -20,6 +20,8 @@ Module functions with the seed's names (``pf_init``, ``pf_whip_kids``,
 
 from __future__ import annotations
 
+import faulthandler
+import math
 import os
 import pickle
 import selectors
@@ -30,20 +32,23 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, NoReturn
 
+import attrs
 import cloudpickle  # type: ignore[import-untyped]
 
 from prefork._hooks import hookimpl
 from prefork._proctitle import set_title
 from prefork._supervisor import Supervisor
 from prefork._task import WorkerInfo
-from prefork._worker import ForkedChild, WorkerHandle, current_worker, reset_signals
+from prefork._worker import STACK_SIGNAL, ForkedChild, WorkerHandle, current_worker, reset_signals
 from prefork.config import Config, load_facade_config
 from prefork.errors import PreforkError
 from prefork.strategies.resolver import import_object
+from prefork.strategies.scaling import OnDemandPolicy, SparePolicy
 
 __all__ = [
     "MPM",
@@ -114,6 +119,22 @@ def parse_child_sigh(spec: Mapping[str, Any]) -> dict[int, Any]:
         for name in str(names).split():
             out[int(getattr(signal, name if name.startswith("SIG") else f"SIG{name}"))] = action
     return out
+
+
+def _claim_child_signals(handlers: Mapping[int, Any]) -> None:
+    """In a new child: ``child_sigh``'s handler for the signal prefork's workers dump
+    their stack on (SIGUSR2) wins.  The core arms that dump in every worker after
+    installing ``child_sigh``; MPM children run no tasks, so no timeout ever asks
+    them for a stack, and the user's handler is put back."""
+    if STACK_SIGNAL in handlers:
+        faulthandler.unregister(STACK_SIGNAL)
+        signal.signal(STACK_SIGNAL, handlers[STACK_SIGNAL])
+
+
+def _child_main(code: Callable[..., Any], args: tuple[Any, ...], handlers: Mapping[int, Any]) -> Any:
+    """The body every ``whip_kids`` child runs: claim its signals, then ``code(*args)``."""
+    _claim_child_signals(handlers)
+    return code(*args)
 
 
 # -- the data hook ----------------------------------------------------------------------------
@@ -232,12 +253,15 @@ class MPM:
         self.config = config
         self._owner = os.getpid()
         self._sup: Supervisor | None = None
+        self._code: Callable[..., Any] | None = None  # what whip_kids' children run
         self._done = False
         # one thread steps the core's loop at a time; a done() from a signal handler
-        # that interrupts a step on the same thread is deferred to the end of that step
+        # (or a hook) that interrupts a step on the same thread is deferred to the end of that step
         self._lock = threading.RLock()
         self._stepping = 0  # ident of the thread inside a step, 0: none
         self._deferred: tuple[int | None] | None = None
+        self._in_done: dict[int, int | None] = {}  # thread ident -> exit code, while done() shuts down there
+        self._after_start: SparePolicy | None = None  # kid_new's policy once start_servers were forked
         self._hook_process: _DataHookProcess | None = None
         opts = config.mpm
         self._child_signals = parse_child_sigh(opts.child_sigh)
@@ -249,12 +273,20 @@ class MPM:
             self._hook_process = _DataHookProcess(self._hook, self.config.name)
         if self._hook is not None:
             self.config.plugin_manager.register(_DataForwarder(self._hook, self._hook_process), name=f"mpm-data-{id(self)}")
+        self._code = body
         sup = Supervisor(
-            self.config, threaded=False, body=body, body_args=args,
-            child_signals=self._child_signals, return_in_child=return_in_child,
+            self.config, threaded=False, body=_child_main if body is not None else None,
+            body_args=(body, args, self._child_signals), child_signals=self._child_signals,
+            return_in_child=return_in_child,
         )
         if self._hook_process is not None:
             sup.ctx.internal_fds.add(self._hook_process.sock.fileno())
+        pol = sup.policy
+        if return_in_child and isinstance(pol, SparePolicy) and pol.start_servers > pol.min_spare:
+            # kid_new forks one child per call, so the policy's first look (start_servers at
+            # once) forks only one: until start_servers children were forked, want that many
+            self._after_start = pol
+            sup.policy = attrs.evolve(pol, min_spare=pol.start_servers, max_spare=max(pol.max_spare, pol.start_servers))
         sup.start()
         self._sup = sup
         return sup
@@ -276,7 +308,7 @@ class MPM:
         sup = self._sup
         if sup is None:
             sup = self._start(code, tuple(args))
-        elif sup.self_feeding and sup.body is not code:
+        elif sup.self_feeding and self._code is not code:
             raise RuntimeError("whip_kids() was started with another code; use one MPM per kind of child")
         seen = sup.events
         end = None if timeout is None else time.monotonic() + timeout
@@ -312,7 +344,8 @@ class MPM:
     def kid_new(self) -> int | None:
         """Block until a new child is wanted, then fork it: the child's pid in the
         parent, 0 in the child (which goes on with the caller's code), -1 once
-        ``done`` was called, ``None`` when the pool cannot fork."""
+        ``done`` was called, ``None`` when the pool cannot fork.  The first
+        ``start_servers`` calls fork at once."""
         self._check_parent("kid_new()")
         if self._done:
             return -1
@@ -330,7 +363,12 @@ class MPM:
                 self._step(sup)
         except ForkedChild:
             self._owner = -1  # this copy is a child now
+            _claim_child_signals(self._child_signals)
             return 0
+        after = self._after_start
+        if after is not None and sup._spawned_total >= after.start_servers:
+            self._after_start = None
+            sup.policy = after
         return sup.last_spawned  # a direct fork's pid is known within the pass that forked it
 
     def done(self, exitcode: int | None = None) -> None:
@@ -338,22 +376,36 @@ class MPM:
         stop the data-hook process; then exit with ``exitcode`` if given.
 
         Safe in a signal handler: called while ``whip_kids``/``kid_new`` runs, it
-        takes effect as soon as that call's current pass ends."""
+        takes effect as soon as that call's current pass ends.  Re-entrant: a
+        ``done()`` called while one runs on the same thread (a second SIGTERM,
+        ``child_data_hook`` calling it during the final delivery) returns at once;
+        an ``exitcode`` it gives is the one the running ``done()`` exits with if
+        that one has none.  From another thread it returns once the pool stopped."""
         self._check_parent("done()")
-        self._done = True
-        if self._stepping == threading.get_ident():
-            self._deferred = (exitcode,)
-            if self._sup is not None:
-                self._sup._wake()
+        me = threading.get_ident()
+        if me in self._in_done:  # re-entered: the running done() goes on when this returns
+            if self._in_done[me] is None:
+                self._in_done[me] = exitcode
             return
-        with self._lock:
+        self._done = True
+        if self._stepping == me:
+            if self._deferred is None or self._deferred[0] is None:
+                self._deferred = (exitcode,)
             if self._sup is not None:
-                self._sup.shutdown(wait=True)
-            if self._hook_process is not None:
-                self._hook_process.close()
-                self._hook_process = None
-        if exitcode is not None:
-            sys.exit(exitcode)
+                self._sup._wake()  # never waits for a lock this thread holds
+            return
+        self._in_done[me] = exitcode
+        try:
+            with self._lock:
+                if self._sup is not None:
+                    self._sup.shutdown(wait=True)
+                if self._hook_process is not None:
+                    self._hook_process.close()
+                    self._hook_process = None
+        finally:
+            code = self._in_done.pop(me, None)
+        if code is not None:
+            sys.exit(code)
 
     def pids(self) -> list[int]:
         return self._sup.pids() if self._sup is not None else []
@@ -365,17 +417,22 @@ class MPM:
         return self._sup.stats()
 
     def set_spares(self, min_spare: int, max_spare: int) -> None:
-        """Move the spare bounds while running (SIGTTIN/SIGTTOU in ``prefork serve``)."""
-        import attrs
-
+        """Move the spare bounds while running (SIGTTIN/SIGTTOU in ``prefork serve``);
+        for the ``spare`` scaling policy only."""
         if self._sup is None:
             raise RuntimeError("not started")
-        self._sup.policy = attrs.evolve(self._sup.policy, min_spare=min_spare, max_spare=max_spare)
+        pol = self._after_start or self._sup.policy
+        if not isinstance(pol, SparePolicy):
+            raise RuntimeError(f"set_spares() needs the 'spare' scaling policy; this pool's is {self.config.scaling.name!r}")
+        self._after_start = None
+        self._sup.policy = attrs.evolve(pol, min_spare=min_spare, max_spare=max_spare)
         self._sup._next_tick = 0.0
 
     def reload(self) -> None:
         """Replace every child: new ones are forked while the old ones finish their
-        current work and leave (SIGHUP in ``prefork serve``)."""
+        current work and leave (SIGHUP in ``prefork serve``).  The new ones are
+        those the scaling policy wants once the old ones stopped counting: with
+        ``min_spare = 0``, none until a child is wanted."""
         if self._sup is not None:
             self._sup.retire_all("reload")
 
@@ -416,17 +473,39 @@ def pf_done(exitcode: int | None = None) -> None:
     _global_mpm().done(exitcode)
 
 
+def pf_kid_yell(data: Any) -> bool | None:
+    """The seed's ``pf_kid_yell``: send ``data`` to ``child_data_hook``; ``True`` on
+    success, ``None`` (with ``error`` set) when ``data`` cannot be serialized, and a
+    no-op returning ``None`` in the main process (``yell`` raises there)."""
+    global error
+    handle = current_worker()
+    if handle is None:
+        return None
+    try:
+        handle.yell(data)
+    except TypeError as exc:
+        error = str(exc)
+        return None
+    return True
+
+
 pf_kid_busy = busy
 pf_kid_idle = idle
-pf_kid_yell = yell
 pf_kid_exit = exit
 
 
 # -- prefork serve ------------------------------------------------------------------------------------
 
 
-def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any]) -> None:
-    """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle."""
+def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float) -> None:
+    """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle.
+
+    Each connection gets ``read_timeout`` (``mpm.read_timeout``, 0: none) as its
+    socket timeout: a read or write on it that waits that long raises
+    ``TimeoutError`` (``socket.timeout``) in the handler, so a client that sends
+    nothing cannot hold this child forever.  The supervisor sends self-feeding
+    children no frames: the end of the channel means it gave up on this child (a
+    shut-down that began while it was being forked) or is gone, and it leaves."""
     me = _me()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -437,71 +516,186 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
 
     signal.signal(signal.SIGTERM, on_term)
     listener.setblocking(False)
+    channel = me._channel
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
+    sel.register(channel.fileno(), selectors.EVENT_READ)
     while not me.leaving:
         for key, _ in sel.select():
             if key.fd == wake_r:
                 os.read(wake_r, 512)
                 continue
+            if key.fd == channel.fileno():
+                try:
+                    channel.recv()
+                except OSError:
+                    pass
+                me.leaving = "the supervisor closed the channel"
+                break
             try:
                 conn, addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 continue  # another child took it
-            conn.setblocking(True)
+            conn.settimeout(read_timeout or None)
             me.busy()
             try:
                 handler(conn, addr)
+            except TimeoutError as exc:
+                print(f"prefork serve: worker {os.getpid()}: the connection from {addr} waited longer than "
+                      f"mpm.read_timeout = {read_timeout:g} s ({exc}); closed", file=sys.stderr, flush=True)
             except Exception:
+                print(f"prefork serve: worker {os.getpid()}: handle(conn, addr) failed for {addr}:", file=sys.stderr)
                 traceback.print_exc()
             finally:
                 conn.close()
             me.idle()  # leaves here when it must
 
 
+def _refuse(config: Config, key: str, value: Any, reason: str) -> NoReturn:
+    source = config.sources.get(key) or config.sources.get(key.rpartition(".")[0]) or "the configuration"
+    raise PreforkError(f"{source}: {key} = {value!r}: {reason}")
+
+
+def _check_serve_config(config: Config) -> None:
+    """Refuse what would leave ``prefork serve`` without a child to accept, or
+    silently override a setting: one line naming the source, key, value and reason."""
+    if not config.app:
+        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
+    pol = config.create("scaling")
+    always = "a server always keeps a child to accept connections (a reload or SIGTTOU would otherwise leave none)"
+    if isinstance(pol, SparePolicy):
+        if pol.min_spare < 1:
+            _refuse(config, "scaling.min_spare", pol.min_spare, f"prefork serve needs at least 1: {always}")
+        if pol.start_servers < 1:
+            _refuse(config, "scaling.start_servers", pol.start_servers, "prefork serve needs at least 1: "
+                    "the spare policy forks nothing after a start with none")
+    elif isinstance(pol, OnDemandPolicy) and pol.pre_fork < 1:
+        _refuse(config, "scaling.pre_fork", pol.pre_fork, f"prefork serve needs at least 1: {always}; "
+                "its children take no queued tasks, so on-demand never forks more")
+    for names, handler in config.mpm.child_sigh.items():
+        if any(name.removeprefix("SIG") == "TERM" for name in str(names).split()):
+            _refuse(config, f"mpm.child_sigh.{names}", handler, "prefork serve's children handle SIGTERM themselves "
+                    "(finish the connection, then leave); set a handler for another signal")
+
+
+#: what prefork serve does on each signal
+_STOP = (signal.SIGINT, signal.SIGTERM)
+#: seconds between two prints of the same note ("SIGTTOU changed nothing...")
+_NOTE_EVERY = 5.0
+_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, *_STOP)
+
+
+class _SignalDesk:
+    """``prefork serve``'s signals: the handlers only record them (and the loop's wake
+    pipe, as ``signal.set_wakeup_fd``, wakes its ``select``); the loop acts on each
+    one, in order, between two passes.  A burst of SIGHUPs is one reload under way
+    plus at most one more, started once the first one's new children are up."""
+
+    def __init__(self, mpm: MPM) -> None:
+        self.mpm = mpm
+        self.pending: deque[int] = deque()  # appended by the handlers; popleft() is atomic
+        self.stop = False
+        self.reload_wanted = False
+        self._reload_spawned = -1  # spawned_total when the reload under way began (-1: none)
+        self._said: dict[str, float] = {}  # note -> when it was last printed
+
+    def record(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)  # all a handler does: no lock, no I/O
+
+    def _reloading(self, sup: Supervisor) -> bool:
+        """A reload is under way until a new child was forked and none is booting."""
+        if self._reload_spawned < 0:
+            return False
+        stats = sup.stats()
+        if stats["spawned_total"] == self._reload_spawned or stats["booting"]:
+            return True
+        self._reload_spawned = -1
+        return False
+
+    def handle(self, sup: Supervisor) -> None:
+        notes: set[str] = set()
+        while self.pending and not self.stop:
+            signum = self.pending.popleft()
+            if signum in _STOP:
+                self.stop = True
+            elif signum == signal.SIGHUP:
+                self.reload_wanted = True
+            else:
+                self._move_spares(sup, 1 if signum == signal.SIGTTIN else -1, notes)
+        if self.reload_wanted and not self.stop and not self._reloading(sup):
+            self.reload_wanted = False
+            self._reload_spawned = sup.stats()["spawned_total"]
+            self.mpm.reload()
+        now = time.monotonic()
+        for note in sorted(notes):  # once in a while, not once per signal of a storm
+            if now - self._said.get(note, -math.inf) >= _NOTE_EVERY:
+                self._said[note] = now
+                print(f"prefork serve: {note}", file=sys.stderr, flush=True)
+
+    def _move_spares(self, sup: Supervisor, step: int, notes: set[str]) -> None:
+        name = "SIGTTIN" if step > 0 else "SIGTTOU"
+        pol = self.mpm._after_start or sup.policy
+        if not isinstance(pol, SparePolicy):
+            notes.add(f"{name} ignored: scaling is {self.mpm.config.scaling.name!r}; only 'spare' has spare bounds")
+            return
+        low = min(max(1, pol.min_spare + step), pol.max_servers)
+        high = min(max(low, pol.max_spare + step), pol.max_servers)
+        if (low, high) == (pol.min_spare, pol.max_spare):
+            bound = f"the least a server keeps is 1 (min_spare = {low})" if step < 0 else f"max_servers = {pol.max_servers}"
+            notes.add(f"{name} changed nothing: {bound}")
+            return
+        self.mpm.set_spares(low, high)
+
+
 def serve(config: Config) -> int:
     """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
     ``app`` as ``handle(conn, addr)``.  SIGHUP: new children, old ones finish and
-    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop."""
-    if not config.app:
-        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
-    handler = import_object(config.app)
+    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop.
+    Returns 0 once stopped by a signal, 1 if children cannot boot."""
+    _check_serve_config(config)
+    try:
+        handler = import_object(config.app)
+    except (ImportError, AttributeError, ValueError) as exc:
+        _refuse(config, "app", config.app, f"cannot import it: {exc}")
+    if not callable(handler):
+        _refuse(config, "app", config.app, f"{type(handler).__name__} is not callable; prefork serve calls handle(conn, addr)")
     host, _, port = config.mpm.bind.rpartition(":")
     listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
     mpm = MPM.from_config(config)
-    pending: list[int] = []
+    desk = _SignalDesk(mpm)
     set_title(f"{config.name} supervisor")
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)  # only note it: the loop acts
-        if mpm._sup is not None:
-            mpm._sup._wake()
-
-    signals = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGINT, signal.SIGTERM)
-    old = {sig: signal.signal(sig, on_signal) for sig in signals}
-    print(f"prefork serve: listening on {listener.getsockname()[0]}:{listener.getsockname()[1]}", flush=True)
-    sup = mpm._start(_serve_body, (listener, handler))
+    # handlers first: a signal during the start is recorded, never the default action
+    old = {sig: signal.signal(sig, desk.record) for sig in _SIGNALS}
+    wake = -1
+    old_wake = -1
+    code = 0
     try:
+        print(f"prefork serve: listening on {listener.getsockname()[0]}:{listener.getsockname()[1]}", flush=True)
+        sup = mpm._start(_serve_body, (listener, handler, config.mpm.read_timeout))
+        # A signal's C handler writes its number to the loop's wake pipe, so select()
+        # returns at once.  Through a copy of the pipe's end that this function owns:
+        # it stays valid until the wakeup fd is put back, whatever the supervisor closes.
+        wake = os.dup(sup.wakeup_fd)
+        sup.ctx.internal_fds.add(wake)
+        old_wake = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
         while True:
-            sup.step(1.0)
-            stop = False
-            while pending:
-                signum = pending.pop(0)
-                if signum in (signal.SIGINT, signal.SIGTERM):
-                    stop = True
-                elif signum == signal.SIGHUP:
-                    mpm.reload()
-                else:
-                    pol = sup.policy
-                    step = 1 if signum == signal.SIGTTIN else -1
-                    low = max(0, pol.min_spare + step)
-                    mpm.set_spares(low, max(1, low, pol.max_spare + step))
-            if stop:
+            desk.handle(sup)
+            if desk.stop:
                 break
+            if sup._broken is not None:
+                print(f"prefork serve: {sup._broken}", file=sys.stderr, flush=True)
+                code = 1
+                break
+            sup.step(1.0)
     finally:
-        mpm.done()
-        listener.close()
-        for sig, handler_ in old.items():
-            signal.signal(sig, handler_)
-    return 0
+        if wake >= 0:
+            signal.set_wakeup_fd(old_wake)
+            os.close(wake)
+        try:
+            mpm.done()  # the handlers still only record: a second SIGTERM cannot cut the shut-down short
+        finally:
+            listener.close()
+            for sig, previous in old.items():
+                signal.signal(sig, previous)
+    return code

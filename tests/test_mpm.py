@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from prefork import mpm
+from prefork import hookimpl, mpm
 from prefork.mpm import MPM
 from prefork.testing import descendants, pid_alive, wait_until
 
@@ -529,3 +530,243 @@ def test_prefork_run_hands_an_mpm_to_the_app(tmp_path: Path) -> None:
                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
     assert "children 3" in out.stdout
+
+
+# -- done() is re-entrant ------------------------------------------------------------------------------------
+
+DONE_TWICE = """\
+import os, signal, sys, time
+from prefork import mpm
+
+mode, mark = sys.argv[1], sys.argv[2]
+seen = []
+leaving = []
+
+
+def note(text):
+    with open(mark, "a") as f:
+        f.write(text + "\\n")
+
+
+def on_child_term(signum, frame):
+    leaving.append(signum)
+
+
+def child():
+    end = time.monotonic() + 30
+    while not leaving and time.monotonic() < end:
+        time.sleep(0.01)
+    mpm.exit(0, {"bye": os.getpid()})
+
+
+def hook(pid, data, exitcode):
+    if exitcode is None:
+        return
+    note("in hook")  # the final delivery, inside the first done()
+    if mode == "hook":
+        server.done()
+        note("done returned")
+    else:  # until a second SIGTERM ran its handler here
+        end = time.monotonic() + 10
+        while len(seen) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        note(f"signals seen: {len(seen)}")
+
+
+def on_term(signum, frame):
+    seen.append(signum)
+    server.done(0)
+
+
+server = mpm.MPM(start_servers=2, min_spare_servers=1, max_spare_servers=2, max_servers=2,
+                 child_sigh={"TERM": on_child_term}, child_data_hook=hook, data_hook_in_main=True,
+                 overrides={"scaling.tick": 0.05})
+signal.signal(signal.SIGTERM, on_term)
+ready = False
+while server.whip_kids(child, ()):
+    if not ready and server.stats()["idle"] == 2:
+        ready = True
+        print("ready", flush=True)
+print("whip_kids returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["signal", "hook"])
+def test_a_second_done_while_done_runs_returns_and_sigterm_still_ends_the_process(mode: str, tmp_path: Path) -> None:
+    """signal: a second SIGTERM (handler: done(0)) lands during the final data delivery of the
+    first done(); hook: child_data_hook calls done() during that delivery.  Both used to
+    deadlock on the step lock: the process then ignored SIGTERM."""
+    (tmp_path / "done_twice.py").write_text(DONE_TWICE)
+    mark = tmp_path / "mark"
+    proc = subprocess.Popen([sys.executable, "done_twice.py", mode, str(mark)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: mark.exists() and "in hook" in mark.read_text(), what="the final delivery")
+        if mode == "signal":
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "whip_kids returned" not in out  # done(0) exited, as the seed's pf_done(0)
+    lines = mark.read_text().splitlines()
+    if mode == "hook":
+        assert lines.count("done returned") == 2, lines
+    else:
+        assert "signals seen: 2" in lines, lines
+
+
+# -- a body's own socket errors are its failure --------------------------------------------------------------
+
+
+class Exits:
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int | None, str]] = []
+
+    @hookimpl
+    def prefork_worker_exited(self, worker: Any, status: int | None, reason: str) -> None:
+        self.items.append((worker.pid, status, reason))
+
+
+def reset_by_the_client(sock: socket.socket) -> None:
+    conn, _ = sock.accept()
+    mpm.busy()
+    conn.recv(100)  # the client resets the connection: ConnectionResetError, not caught here
+
+
+def broken_pipe(sock: socket.socket) -> None:
+    a, b = socket.socketpair()
+    b.close()
+    a.sendall(b"to nobody")  # BrokenPipeError, not caught here
+
+
+@pytest.mark.parametrize(("body", "error"), [(reset_by_the_client, "ConnectionResetError"),
+                                             (broken_pipe, "BrokenPipeError")])
+def test_a_reset_or_broken_pipe_in_a_body_is_logged_and_fails_the_child(
+    body: Callable[..., Any], error: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sock = listener()
+    port = sock.getsockname()[1]
+    m = MPM(start_servers=1, min_spare_servers=0, max_spare_servers=1, max_servers=1, overrides=FAST)
+    exits = Exits()
+    m.config.plugin_manager.register(exits)
+    client = None
+    try:
+        with Driver(m, body, (sock,)):
+            if body is reset_by_the_client:
+                # connect once the pool (its fork server) has started: a process forked later
+                # than the client socket would hold it, and close() would send no RST
+                wait_until(lambda: m.pids(), what="the child")
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                wait_until(lambda: m.stats()["busy"] == 1, what="the child to take the connection")
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # an RST
+            wait_until(lambda: exits.items, what="the child's exit")
+    finally:
+        sock.close()
+    pid, status, reason = exits.items[0]
+    assert status is not None and os.waitstatus_to_exitcode(status) == 6, (status, reason)  # EXIT_BODY_FAILED
+    assert reason != "the supervisor closed the channel"
+    err = capfd.readouterr().err
+    assert f"prefork: the body of worker {pid} failed:" in err
+    assert f"{error}: " in err  # with its traceback
+
+
+# -- kid_new forks start_servers first ------------------------------------------------------------------------
+
+
+def test_kid_new_forks_start_servers_children_first(tmp_path: Path) -> None:
+    m = MPM(start_servers=4, min_spare_servers=1, max_spare_servers=5, max_servers=6, overrides=FAST)
+    watchdog = threading.Timer(15, m.done)  # only when kid_new blocks for good (it used to after one child)
+    watchdog.start()
+    pids: list[int] = []
+    try:
+        while len(pids) < 4:
+            pid = m.kid_new()
+            if pid == 0:
+                try:
+                    idle_forever()
+                finally:
+                    os._exit(0)
+            assert pid is not None and pid > 0, (pid, pids)
+            pids.append(pid)
+        assert m.stats()["spawned_total"] == 4
+        assert m._sup is not None and m._sup.policy.min_spare == 1  # the start is over: the seed's bounds again
+    finally:
+        watchdog.cancel()
+        m.done()
+    assert len(set(pids)) == 4
+
+
+# -- child_sigh may take SIGUSR2 -------------------------------------------------------------------------------
+
+
+def usr2_note(signum: int, frame: Any) -> None:
+    with open(os.environ["USR2_LOG"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def test_a_child_sigh_handler_for_sigusr2_wins_over_the_stack_dump(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log, started = tmp_path / "usr2", tmp_path / "started"
+    monkeypatch.setenv("USR2_LOG", str(log))
+    m = MPM(start_servers=2, min_spare_servers=0, max_spare_servers=2, max_servers=2, overrides=FAST,
+            child_sigh={"USR2": usr2_note})
+    with Driver(m, note_and_idle, (str(started),)):
+        wait_until(lambda: started.exists() and len(started.read_text().split()) == 2, what="two children's code")
+        pids = [int(p) for p in started.read_text().split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: log.exists() and len(log.read_text().split()) == 2, what="both SIGUSR2 handlers")
+        assert sorted(int(p) for p in log.read_text().split()) == sorted(pids)
+        assert all(pid_alive(p) for p in pids)
+
+
+def test_a_kid_new_child_keeps_its_sigusr2_handler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log, started = tmp_path / "usr2", tmp_path / "started"
+    monkeypatch.setenv("USR2_LOG", str(log))
+    m = MPM(start_servers=1, min_spare_servers=1, max_spare_servers=1, max_servers=1, overrides=FAST,
+            child_sigh={"USR2": usr2_note})
+    try:
+        pid = m.kid_new()
+        if pid == 0:
+            try:
+                note_and_idle(str(started))
+            finally:
+                os._exit(0)
+        assert pid
+        wait_until(lambda: started.exists() and started.read_text().split() == [str(pid)], what="the child's code")
+        os.kill(pid, signal.SIGUSR2)
+        wait_until(lambda: log.exists() and log.read_text().split() == [str(pid)], what="the SIGUSR2 handler")
+        assert pid_alive(pid)
+    finally:
+        m.done()
+
+
+# -- pf_kid_yell as in the seed -------------------------------------------------------------------------------
+
+
+def yell_results(path: str) -> None:
+    ok = mpm.pf_kid_yell({"from": os.getpid()})
+    bad = mpm.pf_kid_yell(threading.Lock())  # cannot be serialized
+    with open(path, "w") as f:
+        f.write(f"{ok} {bad} {'cannot be serialized' in mpm.error}\n")
+    idle_forever()
+
+
+def test_pf_kid_yell_returns_true_in_a_child_and_is_a_no_op_in_the_parent(tmp_path: Path) -> None:
+    assert mpm.pf_kid_yell({"x": 1}) is None  # the main process: a no-op, as in the seed
+    out = tmp_path / "yell"
+    hooks = Hooks()
+    m = MPM(start_servers=1, min_spare_servers=0, max_spare_servers=1, max_servers=1, overrides=FAST,
+            child_data_hook=hooks, data_hook_in_main=True)
+    with Driver(m, yell_results, (str(out),)):
+        wait_until(lambda: out.exists() and out.read_text().endswith("\n"), what="the child's report")
+        wait_until(lambda: hooks.items, what="the data")
+    assert out.read_text() == "True None True\n"
+    assert [data for _, data, _ in hooks.items] == [{"from": hooks.items[0][0]}]
