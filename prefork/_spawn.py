@@ -515,8 +515,12 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket, parent_pid: int, here: 
             running = False
             sel.unregister(sock)
         # a graceful stop kills nobody at once: a worker the supervisor gave up on during its
-        # boot sees the end of its channel and leaves through its finalizer
+        # boot sees the end of its channel and leaves through its finalizer.  A self-feeding
+        # worker reads no channel: SIGTERM is how it is asked to leave, as the supervisor asks.
         kill_at = min(kill_at, 0.0 if kill else time.monotonic() + grace)
+        if not kill and (ctx.body is not None or ctx.return_in_child):
+            for pid in children:
+                _signal_group(pid, signal.SIGTERM, group=False)
 
     def orphan() -> None:
         """The caller died: nothing of the pool may outlive it, nor what its tasks started."""

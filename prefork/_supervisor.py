@@ -727,7 +727,8 @@ class Supervisor:
                     self._on_broken_channel(w, exc)
                     return 0
             elif kind == _frames.READY:
-                w.state = READY
+                if w.state == BOOTING:  # one retired while it booted stays retiring
+                    w.state = READY
                 w.idle_since = time.monotonic()
                 self._boot_failures = 0
             elif kind == _frames.BOOTFAIL:

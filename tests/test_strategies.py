@@ -95,3 +95,12 @@ def test_a_strategy_lacking_what_the_core_uses_is_refused_at_registration() -> N
     ZPickle.objects = True  # type: ignore[attr-defined]
     registry.register("serializer", ZPickle)
     assert registry.get("serializer", "zpickle") is ZPickle
+
+
+def test_the_spare_policy_with_start_servers_0_still_keeps_its_min_spare() -> None:
+    """start_servers = 0 used to fork nothing, ever: the first-start branch repeated forever."""
+    from prefork.strategies.scaling import PoolStats, SparePolicy
+
+    policy = SparePolicy(start_servers=0, min_spare=2, max_spare=4, max_servers=8)
+    decision = policy.decide(PoolStats(now=0.0, alive=0, booting=0, idle=0, busy=0, queued=0))
+    assert decision.spawn >= 1

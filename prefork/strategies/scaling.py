@@ -150,7 +150,7 @@ class SparePolicy:
 
     def decide(self, stats: PoolStats) -> Decision:
         room = self.max_servers - stats.alive
-        if stats.spawned_total == 0:
+        if stats.spawned_total == 0 and self.start_servers:
             return Decision(spawn=min(self.start_servers, room), next_tick=self.tick)
         spare = stats.idle + stats.booting  # a new worker counts as idle, as in the seed
         if spare > self.max_spare and stats.idle > 0:
