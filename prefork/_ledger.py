@@ -93,7 +93,10 @@ class Ledger:
 
     def give(self, holder: Hashable, task: Task, now: float) -> None:
         """``task`` goes to ``holder``; its deadline (if any) counts from ``now`` until it starts."""
-        self.held(holder).append(task)
+        held = self._held.get(holder)
+        if held is None:
+            held = self._held[holder] = deque()
+        held.append(task)
         self.in_flight[task.id] = task
         task.holder = holder
         if task.timeout:

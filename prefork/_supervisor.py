@@ -778,12 +778,12 @@ class Supervisor:
             w.kill_at = min(w.kill_at, time.monotonic() + EOF_GRACE)
 
     def _on_results(self, w: _Worker, frame: Any) -> None:
-        held_task = self.ledger.held_task
+        in_flight = self._tasks
         inflight = w.inflight
         loads = self._loads
         for tid, status, t0, t1, payload in _frames.decode_results(frame):
-            task = held_task(w, tid)
-            if task is None:
+            task = in_flight.get(tid)  # Ledger.held_task, inline on this hot path
+            if task is None or task.holder is not w:
                 continue  # late (its task was answered: timed out), or not this worker's task
             task.started_at = t0
             task.finished_at = t1

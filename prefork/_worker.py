@@ -468,7 +468,7 @@ class _ResultBuffer:
     def add(self, record: tuple[Any, ...]) -> int:
         """Buffer (or send) one result record; returns the bytes buffered before it."""
         before = self.size
-        n = sum(map(len, record))
+        n = len(record[0]) + len(record[1]) if len(record) == 2 else sum(map(len, record))
         if before + n >= _scoreboard.AREA:
             if before:
                 self.flush()
@@ -478,10 +478,16 @@ class _ResultBuffer:
                 return 0
         area = self._area
         pos = 1 + before
-        for piece in record:
-            end = pos + len(piece)
-            area[pos:end] = piece
-            pos = end
+        if len(record) == 2:  # the common record: header and one payload
+            head, payload = record
+            mid = pos + len(head)
+            area[pos:mid] = head
+            area[mid : pos + n] = payload
+        else:
+            for piece in record:
+                end = pos + len(piece)
+                area[pos:end] = piece
+                pos = end
         self.size = before + n
         self._words[self._index] = self.size  # after the bytes: a counted record is whole
         return before
