@@ -110,11 +110,7 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
             _register(pm, module, plugin)
         elif not pm.is_registered(plugin):
             _register(pm, plugin, None)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"{exc} (hooks are listed in prefork.hookspecs)") from exc
-    return pm
+    return _checked(pm)
 
 
 def pool_plugin_manager(base: pluggy.PluginManager, plugins: Sequence[object]) -> pluggy.PluginManager:
@@ -129,6 +125,11 @@ def pool_plugin_manager(base: pluggy.PluginManager, plugins: Sequence[object]) -
             pm.register(plugin, name=name)
     for plugin in plugins:
         _register(pm, plugin, None)
+    return _checked(pm)
+
+
+def _checked(pm: pluggy.PluginManager) -> pluggy.PluginManager:
+    """``pm`` once ``check_pending()`` passed: an implementation of an unknown hook is an error."""
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
