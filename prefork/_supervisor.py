@@ -39,6 +39,8 @@ from collections import deque
 from concurrent.futures import CancelledError
 from typing import Any, Final
 
+import attrs
+
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, buffer_loads, decode_error, dump_parts
 from prefork._ledger import Ledger
@@ -509,6 +511,44 @@ class Supervisor:
                     pass  # full: the loop is awake anyway
         finally:
             self._lock.release()
+
+    def wake(self) -> None:
+        """Make the loop look at the pool now (any thread, or a signal handler)."""
+        self._wake()
+
+    @property
+    def broken(self) -> PoolBroken | None:
+        """Why the pool cannot run tasks any more, or ``None`` while it can."""
+        return self._broken
+
+    @property
+    def spawned_total(self) -> int:
+        """Workers forked since the pool started."""
+        return self._spawned_total
+
+    def update_policy(self, **changes: Any) -> Any:
+        """Change the scaling policy's options while the pool runs (``min_spare=2``...),
+        checked by the policy's own validators; returns the new policy.  Works for any
+        attrs policy; another policy may offer ``evolve(**changes)``."""
+        policy = self.policy
+        evolve = getattr(policy, "evolve", None)
+        if evolve is not None:
+            new = evolve(**changes)
+        elif attrs.has(type(policy)):
+            unknown = sorted(set(changes) - {f.name for f in attrs.fields(type(policy)) if f.init})
+            if unknown:
+                raise TypeError(f"scaling policy {getattr(policy, 'name', type(policy).__name__)!r} has no option {unknown[0]!r}")
+            new = attrs.evolve(policy, **changes)
+        else:
+            raise TypeError(f"scaling policy {type(policy).__qualname__} cannot be changed while running "
+                            "(it is no attrs class and has no evolve(**changes))")
+        if new.max_workers() > self.max_workers:
+            raise ValueError(f"the pool was made for at most {self.max_workers} workers (its scoreboard's size); "
+                             f"the changed policy wants {new.max_workers()}")
+        self.policy = new
+        self._next_tick = 0.0
+        self._wake()
+        return new
 
     @property
     def wakeup_fd(self) -> int:
