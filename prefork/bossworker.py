@@ -89,8 +89,18 @@ class BossWorker:
         when_full: str | None = None,
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        scaling: Any = None,
+        transport: Any = None,
+        serializer: Any = None,
+        resolver: Any = None,
     ) -> None:
+        if worker_count is not None and scaling is not None:
+            raise TypeError("BossWorker: give worker_count or scaling=, not both")
         settings: dict[str, Any] = {
+            "scaling": scaling,
+            "transport": transport,
+            "serializer": serializer,
+            "resolver": resolver,
             "boss_worker.work_handler": work_handler,
             "boss_worker.result_handler": result_handler,
             "boss_worker.ordered": ordered,

@@ -55,6 +55,9 @@ class Executor(_StdExecutor):
     :param overrides: more settings, as in the file (``{"pool.kill_grace": 0.5}``).
     :param cancel_running: ``future.cancel()`` also stops a running task by killing its
         worker (which is replaced); tasks then go to workers one at a time.
+    :param scaling, transport, serializer, resolver: a strategy for this pool: an
+        object (a subclass of a built-in, say: ``scaling=MyPolicy(workers=3)``), a
+        class, or a registered name or ``"module:Class"`` path.
 
     Leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) cancels the queued
     tasks, gives the running ones ``pool.kill_grace`` seconds, then kills them; a
@@ -76,10 +79,18 @@ class Executor(_StdExecutor):
         config: Config | str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
         cancel_running: bool = False,
+        scaling: Any = None,
+        transport: Any = None,
+        serializer: Any = None,
+        resolver: Any = None,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
+        if max_workers is not None and scaling is not None:
+            raise TypeError("Executor: give max_workers or scaling=, not both")
         kw: dict[str, Any] = dict(overrides or {})
+        strategies = {"scaling": scaling, "transport": transport, "serializer": serializer, "resolver": resolver}
+        kw.update((kind, given) for kind, given in strategies.items() if given is not None)
         if max_workers is not None:
             kw["scaling.name"] = "fixed"
             kw["scaling.workers"] = max_workers

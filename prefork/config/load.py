@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import os
+import pkgutil
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -143,11 +144,17 @@ def _expand(overrides: Mapping[str, Any]) -> dict[str, Any]:
             elif depth == 0 and part in KINDS and isinstance(current, str):
                 current = target[part] = {"name": current}
             elif not isinstance(current, dict):
+                if depth == 0 and part in KINDS:
+                    raise ConfigError(f"{KEYWORDS}: {key}: a {part} given as an object takes no options "
+                                      "from the config: give them to the object")
                 raise ConfigError(f"{KEYWORDS}: {'.'.join(parents[: depth + 1])} = {current!r}: "
                                   f"must be a table to set {key}")
             target = current
         if not parents and last in KINDS and isinstance(value, str):
             value = {"name": value}
+        elif not parents and last in KINDS and not isinstance(value, Mapping):
+            out[last] = value  # a class or an instance: _normalize names it
+            continue
         value = _plain(value)
         if isinstance(target.get(last), dict) and isinstance(value, dict):
             _merge_plain(target[last], value)
@@ -171,8 +178,12 @@ def _normalize(data: Mapping[str, Any], source: str) -> dict[str, Any]:
         if key in KINDS:
             if isinstance(value, str):
                 value = {"name": value}
+            elif isinstance(value, type):  # a strategy class given in code: its import path names it
+                value = {"name": _import_path(value), _CLASS: value}
             elif not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: {key} = {value!r}: must be a table or a strategy name")
+                if source != KEYWORDS:
+                    raise ConfigError(f"{source}: {key} = {value!r}: must be a table or a strategy name")
+                value = {"name": _import_path(type(value)), _OBJECT: value}  # an instance, used as it is
         elif key in TABLES and not isinstance(value, Mapping):
             raise ConfigError(f"{source}: {key} = {value!r}: must be a table")
         out[key] = _plain(value)
@@ -265,12 +276,49 @@ def _type_problem(wanted: type, value: Any) -> str | None:
     return None
 
 
+_CLASS: Final = "\x00class"  #: a strategy class given in code (not a key a file can hold)
+_OBJECT: Final = "\x00object"  #: a strategy instance given in code
+
+
+def _import_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _register_path(registry: StrategyRegistry, layers: _Layers, kind: str, name: str, cls: Any) -> None:
+    """A strategy named by its import path (``myapp.policies:MyPolicy``) or given as a class:
+    registered under that path, with the checks every registration gets."""
+    source = layers.source(kind, "name")
+    if cls is None:
+        try:
+            cls = pkgutil.resolve_name(name)
+        except Exception as exc:
+            raise ConfigError(f"{source}: {kind}.name = {name!r}: cannot import it: {exc}") from None
+    if not isinstance(cls, type):
+        raise ConfigError(f"{source}: {kind}.name = {name!r}: is a {type(cls).__name__}, not a class")
+    try:
+        if name not in registry.names(kind) or registry.get(kind, name) is not cls:
+            registry.register(kind, cls, name=name)
+    except PluginError as exc:
+        raise ConfigError(f"{source}: {kind}.name = {name!r}: {exc}") from None
+
+
 def _strategy(registry: StrategyRegistry, layers: _Layers, kind: str) -> StrategySpec:
     section = layers.data.get(kind)
     if section is None:
         raise ConfigError(f"{layers.fallback}: {kind}: no strategy chosen; set {kind}.name "
                           f"(known: {', '.join(registry.names(kind))})")
+    section = dict(section)
     name = section.get("name")
+    given_cls = section.pop(_CLASS, None)
+    instance = section.pop(_OBJECT, None)
+    if isinstance(name, str) and ":" in name and (given_cls is not None or instance is not None or name not in registry.names(kind)):
+        _register_path(registry, layers, kind, name, given_cls or (type(instance) if instance is not None else None))
+    if instance is not None:
+        extra = sorted(key for key in section if key != "name")
+        if extra:
+            raise ConfigError(f"{layers.source(kind, extra[0])}: {kind}.{extra[0]}: a {kind} given as an object "
+                              "takes no options from the config: give them to the object")
+        return StrategySpec(kind=kind, name=str(name), instance=instance)
     known = registry.names(kind)
     if not isinstance(name, str) or name not in known:
         source = layers.source(kind, "name") if "name" in section else layers.source(kind)

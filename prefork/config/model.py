@@ -392,9 +392,15 @@ class StrategySpec:
         factory=dict, converter=_frozen_mapping, hash=False,
         metadata=_doc("the strategy's options (its attrs fields), read-only"),
     )
+    instance: Any = attrs.field(
+        default=None, eq=False, hash=False, repr=False,
+        metadata=_doc("a strategy object given in code (then used as it is, by every pool of this config)"),
+    )
 
     def create(self, registry: StrategyRegistry, where: str = "") -> Any:
-        """A new strategy instance from the registry."""
+        """A new strategy instance from the registry, or the object given in code."""
+        if self.instance is not None:
+            return self.instance
         return registry.create(self.kind, self.name, self.options, where or self.kind)
 
 
