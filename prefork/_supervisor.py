@@ -48,6 +48,8 @@ from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
+from prefork._workers import BOOTING, READY, RETIRING, census
+from prefork._workers import Worker as _Worker
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError, TaskTimeout, WorkerLost, describe_status
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies.resolver import import_object
@@ -55,9 +57,6 @@ from prefork.strategies.scaling import Decision, PoolStats
 
 log = logging.getLogger("prefork")
 
-BOOTING: Final = 0
-READY: Final = 1
-RETIRING: Final = 2  #: told to leave, or leaving on its own; not counted as alive
 
 AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep and tasks short
 SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
@@ -97,55 +96,6 @@ def _shutdown_all() -> None:
         end = time.monotonic() + KILL_WAIT
         for sup in pools:
             sup.join(max(0.0, end - time.monotonic()))
-
-
-class _Worker:
-    __slots__ = (
-        "boot_error",
-        "boot_killed",
-        "budget",
-        "channel",
-        "eof",
-        "idle_since",
-        "inflight",
-        "info",
-        "kill_at",
-        "lost",
-        "lost_reason",
-        "pid",
-        "reason",
-        "serial",
-        "slot",
-        "spawned_at",
-        "stack_seen",
-        "stack_wait",
-        "state",
-        "status",
-        "stop_sent",
-    )
-
-    def __init__(self, slot: int, serial: int, now: float, budget: int) -> None:
-        self.slot = slot
-        self.serial = serial
-        self.pid = 0
-        self.channel: Any = None
-        self.state = BOOTING
-        self.inflight: deque[Task] = deque()
-        self.budget = budget  # tasks it may still receive (-1: no limit)
-        self.eof = False
-        self.status: int | None = None
-        self.boot_error = ""
-        self.spawned_at = now
-        self.idle_since = now
-        self.kill_at = math.inf  # SIGKILL escalation time
-        self.stop_sent = False
-        self.boot_killed = False  # killed for taking longer than boot_timeout
-        self.lost = False  # its fork server died: no exit status will come
-        self.lost_reason = ""  # its channel broke: why
-        self.stack_wait = 0.0  # a stack dump was asked for; give up waiting at this time
-        self.stack_seen = 0
-        self.reason = ""  # why it is leaving, when we know
-        self.info: WorkerInfo | None = None
 
 
 class Supervisor:
@@ -940,7 +890,7 @@ class Supervisor:
         """Tasks in flight per worker: 1 for long tasks (fair spread), 2 for medium ones
         (the next is there when one ends), a batch for short ones (fewer frames)."""
         avg = self._avg_task
-        alive = sum(1 for w in self._workers.values() if w.state != RETIRING) or 1
+        alive = sum(1 for w in self._workers.values() if w.state != RETIRING) or 1  # census().alive, cheaper
         if queued <= alive or avg is None or avg >= LONG_TASK:
             return 1
         if avg >= SHORT_TASK:
@@ -1052,27 +1002,14 @@ class Supervisor:
     def _scale(self, now: float) -> None:
         if self._broken is not None or self._stopped:
             return
-        alive = booting = idle = busy = 0
-        longest_idle = 0.0
-        board = self.scoreboard
-        for w in self._workers.values():
-            if w.state == RETIRING:
-                continue
-            alive += 1
-            if w.state == BOOTING:
-                booting += 1
-            elif w.inflight or (self.self_feeding and board.state(w.slot) == _scoreboard.BUSY):
-                busy += 1
-            else:
-                idle += 1
-                since = board.since(w.slot) if self.self_feeding else w.idle_since
-                longest_idle = max(longest_idle, now - since)
         if self._closing and not self.queue:
             return
+        count = census(self._workers.values(), now, self.scoreboard if self.self_feeding else None)
+        alive = count.alive
         stats = PoolStats(
-            now=now, alive=alive, booting=booting, idle=idle, busy=busy, queued=len(self.queue),
+            now=now, alive=alive, booting=count.booting, idle=count.idle, busy=count.busy, queued=len(self.queue),
             spawned_total=self._spawned_total, last_spawn=self._last_spawn,
-            longest_idle=longest_idle, spawn_rate=self._spawn_rate,
+            longest_idle=count.longest_idle, spawn_rate=self._spawn_rate,
         )
         decision: Decision = self.policy.decide(stats)
         self._spawn_rate = decision.spawn_rate
@@ -1237,15 +1174,13 @@ class Supervisor:
         self._wake()
 
     def stats(self) -> dict[str, int]:
-        workers = list(self._workers.values())
-        ready = [w for w in workers if w.state == READY]
-        idle = sum(1 for w in ready if self._is_idle(w))
+        count = census(list(self._workers.values()), time.monotonic(), self.scoreboard if self.self_feeding else None)
         return {
-            "workers": sum(1 for w in workers if w.state != RETIRING),
-            "booting": sum(1 for w in workers if w.state == BOOTING),
-            "busy": len(ready) - idle,
-            "idle": idle,
-            "retiring": sum(1 for w in workers if w.state == RETIRING),
+            "workers": count.alive,
+            "booting": count.booting,
+            "busy": count.busy,
+            "idle": count.idle,
+            "retiring": count.retiring,
             "queued": len(self.queue),
             "in_flight": len(self._tasks),
             "spawned_total": self._spawned_total,

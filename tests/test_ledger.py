@@ -305,3 +305,31 @@ def test_force_fails_everything_a_dead_worker_held() -> None:
     settlement = ledger.settle_death(w, last_started=1, force=True)
     assert not settlement.requeued and [lost.started for lost in settlement.lost] == [True, False, False]
     assert settlement.lost[1].detail == "the pool was stopped"
+
+
+def test_the_census_counts_each_worker_once_by_state() -> None:
+    from prefork import _scoreboard
+    from prefork._workers import BOOTING, READY, RETIRING, Worker, census
+
+    def worker(slot: int, state: int, holding: int = 0, idle_since: float = 0.0) -> Worker:
+        w = Worker(slot, slot, idle_since, -1)
+        w.state = state
+        w.idle_since = idle_since
+        for i in range(holding):
+            w.inflight.append(Task(i, "f", (), {}))
+        return w
+
+    workers = [worker(0, BOOTING), worker(1, READY, idle_since=7.0), worker(2, READY, holding=2),
+               worker(3, RETIRING, holding=1), worker(4, READY, idle_since=4.0)]
+    count = census(workers, now=10.0)
+    assert count == (4, 1, 2, 1, 1, 6.0)  # alive, booting, idle, busy, retiring, longest idle
+
+    class Board:  # self-feeding workers say busy/idle in their slot
+        def state(self, slot: int) -> int:
+            return _scoreboard.BUSY if slot == 1 else _scoreboard.IDLE
+
+        def since(self, slot: int) -> float:
+            return 9.0
+
+    count = census(workers, now=10.0, board=Board())
+    assert (count.idle, count.busy, count.longest_idle) == (1, 2, 1.0)
