@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, NoReturn
 
-import attrs
 import cloudpickle  # type: ignore[import-untyped]
 
 from prefork._hooks import hookimpl
@@ -271,13 +270,14 @@ class MPM:
     def _start(self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False) -> Supervisor:
         if self._hook is not None and self._hook_process is None and not self.config.mpm.data_hook_in_main:
             self._hook_process = _DataHookProcess(self._hook, self.config.name)
-        if self._hook is not None:
-            self.config.plugin_manager.register(_DataForwarder(self._hook, self._hook_process), name=f"mpm-data-{id(self)}")
+        # this pool's own hook: on a plugin manager of its own, gone with the pool, so
+        # MPMs made from one Config never get each other's children's data
+        plugins = (_DataForwarder(self._hook, self._hook_process),) if self._hook is not None else ()
         self._code = body
         sup = Supervisor(
             self.config, threaded=False, body=_child_main if body is not None else None,
             body_args=(body, args, self._child_signals), child_signals=self._child_signals,
-            return_in_child=return_in_child,
+            return_in_child=return_in_child, plugins=plugins,
         )
         if self._hook_process is not None:
             sup.ctx.internal_fds.add(self._hook_process.sock.fileno())
@@ -286,7 +286,7 @@ class MPM:
             # kid_new forks one child per call, so the policy's first look (start_servers at
             # once) forks only one: until start_servers children were forked, want that many
             self._after_start = pol
-            sup.policy = attrs.evolve(pol, min_spare=pol.start_servers, max_spare=max(pol.max_spare, pol.start_servers))
+            sup.update_policy(min_spare=pol.start_servers, max_spare=max(pol.max_spare, pol.start_servers))
         sup.start()
         self._sup = sup
         return sup
@@ -313,7 +313,7 @@ class MPM:
         seen = sup.events
         end = None if timeout is None else time.monotonic() + timeout
         while sup.events == seen:
-            if sup._broken is not None:
+            if sup.broken is not None:
                 return None
             if self._done or sup.stopped:
                 self._finish_deferred()
@@ -352,10 +352,10 @@ class MPM:
         sup = self._sup
         if sup is None:
             sup = self._start(None, (), return_in_child=True)
-        spawned = sup._spawned_total
+        spawned = sup.spawned_total
         try:
-            while sup._spawned_total == spawned:
-                if sup._broken is not None:
+            while sup.spawned_total == spawned:
+                if sup.broken is not None:
                     return None
                 if self._done or sup.stopped:
                     self._finish_deferred()
@@ -366,9 +366,9 @@ class MPM:
             _claim_child_signals(self._child_signals)
             return 0
         after = self._after_start
-        if after is not None and sup._spawned_total >= after.start_servers:
+        if after is not None and sup.spawned_total >= after.start_servers:
             self._after_start = None
-            sup.policy = after
+            sup.update_policy(min_spare=after.min_spare, max_spare=after.max_spare)  # the seed's bounds again
         return sup.last_spawned  # a direct fork's pid is known within the pass that forked it
 
     def done(self, exitcode: int | None = None) -> None:
@@ -392,7 +392,7 @@ class MPM:
             if self._deferred is None or self._deferred[0] is None:
                 self._deferred = (exitcode,)
             if self._sup is not None:
-                self._sup._wake()  # never waits for a lock this thread holds
+                self._sup.wake()  # never waits for a lock this thread holds
             return
         self._in_done[me] = exitcode
         try:
@@ -424,9 +424,9 @@ class MPM:
         pol = self._after_start or self._sup.policy
         if not isinstance(pol, SparePolicy):
             raise RuntimeError(f"set_spares() needs the 'spare' scaling policy; this pool's is {self.config.scaling.name!r}")
+        # while kid_new's start is on, the running policy differs from ``pol`` only in these two
+        self._sup.update_policy(min_spare=min_spare, max_spare=max_spare)
         self._after_start = None
-        self._sup.policy = attrs.evolve(pol, min_spare=min_spare, max_spare=max_spare)
-        self._sup._next_tick = 0.0
 
     def reload(self) -> None:
         """Replace every child: new ones are forked while the old ones finish their
@@ -683,8 +683,8 @@ def serve(config: Config) -> int:
             desk.handle(sup)
             if desk.stop:
                 break
-            if sup._broken is not None:
-                print(f"prefork serve: {sup._broken}", file=sys.stderr, flush=True)
+            if sup.broken is not None:
+                print(f"prefork serve: {sup.broken}", file=sys.stderr, flush=True)
                 code = 1
                 break
             sup.step(1.0)

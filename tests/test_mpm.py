@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from prefork import hookimpl, mpm
+from prefork.config import load_config
 from prefork.mpm import MPM
 from prefork.testing import descendants, pid_alive, wait_until
 
@@ -294,6 +295,55 @@ def test_large_data_from_several_children_arrives_whole(in_main: bool, tmp_path:
         assert all(ok == "True" for _, _, ok, _ in lines)
         assert any(code == "3" and blob == "False" for _, code, _, blob in lines)
         assert sum(1 for _, code, _, blob in lines if code == "None" and blob == "True") >= children * copies
+
+
+def yell_pool(tag: str) -> None:
+    mpm.yell({"pool": tag, "pid": os.getpid()})
+    idle_forever()
+
+
+@pytest.mark.parametrize("in_main", [True, False])
+def test_two_mpms_from_one_config_each_get_only_their_own_childrens_data(in_main: bool, tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    stepping = ["-"]  # the MPM the test drives now (in a data-hook process: the one that forked it)
+
+    def hook(pid: int, data: Any, exitcode: int | None) -> None:
+        with open(out, "a") as f:  # who received it, whose child sent it, the child's pid twice
+            f.write(f"{os.getpid()}/{stepping[0]} {data['pool']} {pid} {data['pid']} {exitcode}\n")
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in out.read_text().splitlines()] if out.exists() else []
+
+    config = load_config(overrides={
+        **FAST, "profile": "mpm", "scaling.start_servers": 2, "scaling.min_spare": 0, "scaling.max_spare": 2,
+        "scaling.max_servers": 2, "mpm.child_data_hook": hook, "mpm.data_hook_in_main": in_main,
+    })
+    registered = config.plugin_manager.list_name_plugin()
+    pools = {"a": MPM.from_config(config), "b": MPM.from_config(config)}
+
+    def step_both() -> bool:
+        for tag, m in pools.items():
+            stepping[0] = tag
+            assert m.whip_kids(yell_pool, (tag,), timeout=0.02) == 1
+        senders = lines()
+        return all(len({sender for _, pool, _, sender, _ in senders if pool == tag}) == 2 for tag in pools)
+
+    try:
+        wait_until(step_both, timeout=15, what="data from both pools' children")
+        children = {tag: set(m.pids()) for tag, m in pools.items()}
+        assert config.plugin_manager.list_name_plugin() == registered  # nothing on the shared manager
+    finally:
+        for tag, m in pools.items():
+            stepping[0] = tag
+            m.done()  # delivers what is left (and waits for its data-hook process)
+    received: dict[str, list[tuple[str, int, int, str]]] = {}
+    for receiver, pool, pid, sender, code in lines():
+        received.setdefault(receiver, []).append((pool, int(pid), int(sender), code))
+    assert len(received) == 2, lines()
+    for receiver, items in received.items():  # each pool's hook: its own children's data, once each
+        tag = receiver.rpartition("/")[2]
+        assert sorted(items) == sorted((tag, pid, pid, "None") for pid in children[tag]), (receiver, lines())
+    assert config.plugin_manager.list_name_plugin() == registered
 
 
 # -- child signals ------------------------------------------------------------------------------------
