@@ -5,7 +5,7 @@ Public API only; everything else is private by default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefork._hooks import hookimpl
 from prefork._task import Task, WorkerInfo
@@ -35,7 +35,16 @@ from prefork.strategies import (
     Transport,
 )
 
+if TYPE_CHECKING:  # imported on first use (below), so that ``import prefork`` stays quick
+    from prefork.bossworker import BossWorker
+    from prefork.dispatcher import Dispatcher, XMLRPCFront
+    from prefork.executor import Executor
+    from prefork.mpm import MPM
+
+    __version__: str
+
 __all__ = [
+    "MPM",
     "BossWorker",
     "Config",
     "ConfigError",
@@ -80,9 +89,13 @@ def __getattr__(name: str) -> Any:
 
         return getattr(dispatcher, name)
     if name == "BossWorker":
-        from prefork import bossworker
+        from prefork.bossworker import BossWorker
 
-        return getattr(bossworker, name)
+        return BossWorker
+    if name == "MPM":
+        from prefork.mpm import MPM
+
+        return MPM
     if name == "__version__":
         from importlib.metadata import PackageNotFoundError, version
 

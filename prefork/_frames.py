@@ -101,10 +101,6 @@ def call_pieces(items: list[tuple[int, Payload]]) -> list[Buffer]:
     return pieces
 
 
-def encode_calls(items: list[tuple[int, Payload]]) -> bytes:
-    return b"".join(call_pieces(items))
-
-
 def decode_calls(frame: Buffer) -> list[tuple[int, memoryview]]:
     """(task id, payload) pairs; payloads are views into ``frame``, not copies."""
     out = []
@@ -122,13 +118,8 @@ def decode_calls(frame: Buffer) -> list[tuple[int, memoryview]]:
 
 
 def result_header(tid: int, status: int, t0: float, t1: float, size: int) -> bytes:
-    """What precedes a result's payload in a RESULTS frame."""
+    """What precedes a result's payload in a RESULTS frame (``RESULTS_HEAD`` plus records)."""
     return _RESULT.pack(tid, status, t0, t1, size)
-
-
-def encode_result(tid: int, status: int, t0: float, t1: float, payload: bytes) -> bytes:
-    """One result record; a RESULTS frame is ``RESULTS_HEAD`` plus records."""
-    return _RESULT.pack(tid, status, t0, t1, len(payload)) + payload
 
 
 def decode_results(frame: Buffer) -> list[tuple[int, int, float, float, memoryview]]:

@@ -24,8 +24,6 @@ IDLE: Final = 2
 BUSY: Final = 3
 EXITING: Final = 4
 
-STATE_NAMES: Final = {FREE: "free", BOOTING: "booting", IDLE: "idle", BUSY: "busy", EXITING: "exiting"}
-
 # fields of a slot, in int64 words
 PID: Final = 0
 STATE: Final = 1

@@ -8,6 +8,7 @@ standard exception a ``concurrent.futures`` user already catches:
 
 from __future__ import annotations
 
+import os
 import signal
 from concurrent.futures.process import BrokenProcessPool
 
@@ -95,22 +96,31 @@ def error_text(exc: BaseException) -> str:
     return text
 
 
+def _decode(status: int) -> tuple[int | None, str | None]:
+    """A ``waitpid`` status as (exit code, None) or (None, signal name); (None, None)
+    for a status that is neither (a stopped process's)."""
+    try:
+        code = os.waitstatus_to_exitcode(status)
+    except (ValueError, OverflowError):
+        return None, None
+    if code >= 0:
+        return code, None
+    try:
+        return None, signal.Signals(-code).name
+    except ValueError:
+        return None, f"signal {-code}"
+
+
 def describe_status(status: int | None) -> str:
-    """Word a ``waitpid`` status: ``exit code 3``, ``signal SIGKILL``."""
+    """Word a ``waitpid`` status: ``exit code 3``, ``killed by SIGKILL``."""
     if status is None:
         return "unknown exit status"
-    if os_waitstatus_is_signal(status):
-        signum = status & 0x7F
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        return f"killed by {name}"
-    return f"exit code {(status >> 8) & 0xFF}"
-
-
-def os_waitstatus_is_signal(status: int) -> bool:
-    return (status & 0x7F) not in (0, 0x7F)
+    code, signal_name = _decode(status)
+    if signal_name is not None:
+        return f"killed by {signal_name}"
+    if code is not None:
+        return f"exit code {code}"
+    return f"unknown exit status (wait status {status:#x})"
 
 
 _HINTS = {
@@ -132,10 +142,7 @@ class WorkerLost(PreforkError, BrokenProcessPool):
         self.exitcode: int | None = None
         self.signal_name: str | None = None
         if status is not None:
-            if os_waitstatus_is_signal(status):
-                self.signal_name = how.removeprefix("killed by ")
-            else:
-                self.exitcode = (status >> 8) & 0xFF
+            self.exitcode, self.signal_name = _decode(status)
         self.hint = _HINTS.get(self.signal_name or "", "")
         self.detail = detail
         where = "while running the task" if started else "before the task started"

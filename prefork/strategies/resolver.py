@@ -8,6 +8,7 @@ resolution.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -36,16 +37,28 @@ def is_private(method: str) -> bool:
 
 
 def import_object(spec: str) -> Any:
-    """``"package.module:attr.sub"`` (or ``"package.module.attr"``) to the object it names."""
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep:
-        module_name, _, attr_path = spec.rpartition(".")
-        if not module_name:
-            raise ImportError(f"{spec!r} is not of the form 'module:attribute'")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr_path.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The object ``"package.module:attr.sub"`` names, found by :func:`pkgutil.resolve_name`.
+
+    The older ``"package.module.attr"`` is read as ``"package.module:attr"``: all but
+    the last part is the module.  (``resolve_name`` would guess where the module ends
+    by trying imports, and take an ``ImportError`` raised inside ``package.module``
+    for "no such module", reporting a missing attribute instead.)
+
+    Raises ``ImportError`` when the module cannot be imported or ``spec`` is not such
+    a path (a bare module name included), ``AttributeError`` when an attribute is missing.
+    """
+    path = spec
+    if ":" not in spec:
+        module, _, attr = spec.rpartition(".")
+        path = f"{module}:{attr}" if module and attr else ""
+    # resolve_name's pattern ends in "$", which also matches before a final newline
+    if path and not path.endswith("\n"):
+        try:
+            return pkgutil.resolve_name(path)
+        except ValueError as exc:
+            if str(exc) != f"invalid format: {path!r}":
+                raise  # the module's own code raised it
+    raise ImportError(f"{spec!r} is not of the form 'module:attribute' (dotted Python names)")
 
 
 def _check_methods(instance: Any, attribute: Any, value: Mapping[str, Any]) -> None:
