@@ -51,6 +51,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, Final, NoReturn
 
+from prefork import _scoreboard
 from prefork._proctitle import set_title
 from prefork._task import WorkerInfo
 from prefork._worker import ForkedChild, WorkerContext, close_fds, leave, prepare, reset_signals, run_worker
@@ -96,7 +97,7 @@ def fork_worker(ctx: WorkerContext, slot: int, serial: int) -> tuple[int, socket
         run_worker(ctx, info, child_sock, me)
     child_sock.close()
     info.pid = pid
-    ctx.scoreboard.words[slot * 8] = pid
+    ctx.scoreboard.words[slot * _scoreboard.WORDS + _scoreboard.PID] = pid
     ctx.hook.prefork_after_fork(worker=info)
     return pid, parent_sock
 

@@ -1056,7 +1056,7 @@ class Supervisor:
         booted = w.state != BOOTING and not w.boot_error
         if not booted and not expected:
             why = w.boot_error or f"the worker exited during boot ({describe_status(status)})"
-            if status is not None and (status >> 8) & 0xFF == EXIT_BOOT_FAILED and not w.boot_error:
+            if status is not None and os.WIFEXITED(status) and os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED and not w.boot_error:
                 why = "the worker's initializer failed"
             self._boot_failed(why)
         elif not expected:

@@ -17,6 +17,7 @@ library's XML-RPC server.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import logging
 import os
@@ -101,7 +102,7 @@ def _special(resolver: MethodResolver, name: str) -> Callable[..., Any] | None:
         return target  # type: ignore[no-any-return]
     for holder in getattr(resolver, "classes", ()) or ():
         if isinstance(holder, str):
-            holder = import_object(holder)
+            holder = import_object(holder) if ":" in holder else importlib.import_module(holder)  # as ClassesResolver
         target = getattr(holder, name, None)
         if callable(target):
             return target  # type: ignore[no-any-return]

@@ -103,3 +103,21 @@ def count_precall(sender: str, *params: object) -> None:
 
 def quiet(line: str) -> None:
     pass
+
+
+def test_special_methods_are_found_in_a_module_named_in_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare module name in ``classes`` worked for dispatching, but the special-method
+    lookup imported it as 'module:attr', failed, and silently found no ``_precall``."""
+    marker = tmp_path / "precalled"
+    (tmp_path / "handlers_mod.py").write_text(
+        "def _precall(sender, *params):\n"
+        f"    open({str(marker)!r}, 'a').write('x')\n"
+        "def neg(sender):\n"
+        "    return -sender\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got: list[object] = []
+    with Dispatcher(classes=["handlers_mod"], max_forks=1) as d:
+        d.new_request({"method_name": "neg", "params": [], "from": 5, "upon_result": lambda req, resp: got.append(resp)})
+    assert got == [-5]
+    assert marker.read_text() == "x", "_precall of a module named in classes did not run"
