@@ -52,8 +52,11 @@ from prefork._workers import BOOTING, READY, RETIRING, census
 from prefork._workers import Worker as _Worker
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError, TaskTimeout, WorkerLost, describe_status
 from prefork.plugins import pool_plugin_manager
-from prefork.strategies.resolver import import_object
-from prefork.strategies.scaling import Decision, PoolStats
+from prefork.strategies.resolver import MethodResolver, import_object
+from prefork.strategies.scaling import Decision, PoolStats, ScalingPolicy
+from prefork.strategies.serializer import Serializer
+from prefork.strategies.sink import ResultSink
+from prefork.strategies.transport import Transport
 
 log = logging.getLogger("prefork")
 
@@ -129,13 +132,13 @@ class Supervisor:
         # plugins of this pool alone get a plugin manager of its own: the config's is shared
         self.pm = pool_plugin_manager(config.plugin_manager, plugins) if plugins else config.plugin_manager
         self.hook = self.pm.hook
-        self.policy = config.create("scaling")
-        self.serializer = config.create("serializer")
+        self.policy: ScalingPolicy = config.create("scaling")
+        self.serializer: Serializer = config.create("serializer")
         self._loads = buffer_loads(self.serializer)
         self._dump_parts = dump_parts(self.serializer)
-        self.resolver = resolver if resolver is not None else config.create("resolver")
-        self.transport = config.create("transport")
-        self.sink = sink if sink is not None else config.create("sink")
+        self.resolver: MethodResolver = resolver if resolver is not None else config.create("resolver")
+        self.transport: Transport = config.create("transport")
+        self.sink: ResultSink = sink if sink is not None else config.create("sink")
         if initializer is None and pool.initializer:
             initializer = pool.initializer
             if isinstance(initializer, str):
@@ -480,7 +483,7 @@ class Supervisor:
         """Change the scaling policy's options while the pool runs (``min_spare=2``...),
         checked by the policy's own validators; returns the new policy.  Works for any
         attrs policy; another policy may offer ``evolve(**changes)``."""
-        policy = self.policy
+        policy: Any = self.policy  # an attrs class, or one with evolve(): looked at below
         evolve = getattr(policy, "evolve", None)
         if evolve is not None:
             new = evolve(**changes)
