@@ -1,5 +1,8 @@
-"""The plugins docs/plugins.md walks through: examples/plugin_zlib_transport.py and
-examples/plugin_math_resolver.py, registered as plugins and used for real.
+"""Two of the plugins docs/plugins.md walks through: examples/plugin_zlib_transport.py
+and examples/plugin_math_resolver.py, registered as plugins and used for real.
+The page's snippets, all five examples in real pools and their contract suites
+are in tests/test_plugin_docs.py; the last test here checks that the page shows
+each example file as it is.
 
 The transport is driven over real socketpairs: the supervisor's end non-blocking
 and polled with ``select`` against a deadline, the worker's end blocking in a
@@ -35,7 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples import plugin_math_resolver, plugin_zlib_transport  # noqa: E402
+from examples import (  # noqa: E402
+    plugin_backlog_policy,
+    plugin_math_resolver,
+    plugin_tickets_sink,
+    plugin_zlib_transport,
+    plugin_zpickle_serializer,
+)
 from examples.plugin_math_resolver import MathResolver  # noqa: E402
 from examples.plugin_zlib_transport import ZlibTransport  # noqa: E402
 
@@ -495,7 +504,17 @@ def test_a_frame_from_a_plain_pipe_peer_is_refused_by_name() -> None:
 # -- the tutorial shows these files as they are ---------------------------------------------
 
 
-@pytest.mark.parametrize("module", [plugin_zlib_transport, plugin_math_resolver], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [
+        plugin_backlog_policy,
+        plugin_zlib_transport,
+        plugin_zpickle_serializer,
+        plugin_math_resolver,
+        plugin_tickets_sink,
+    ],
+    ids=lambda m: m.__name__,
+)
 def test_docs_show_the_example_files_whole(module: Any) -> None:
     docs = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
     source = Path(module.__file__).read_text(encoding="utf-8").rstrip("\n")
