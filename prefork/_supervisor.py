@@ -152,7 +152,8 @@ class Supervisor:
         self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
         self._call_limit = _frames.MAX_PAYLOAD
         if self.max_frame:
-            self._call_limit = min(self._call_limit, self.max_frame - _frames.CALL_OVERHEAD)
+            # a CALLS frame with one call: its kind byte, the call's header, the payload
+            self._call_limit = min(self._call_limit, self.max_frame - 1 - _frames.CALL_OVERHEAD)
         self.max_tasks = pool.max_tasks_per_child
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
@@ -244,19 +245,25 @@ class Supervisor:
         if self._started:
             return
         self._started = True
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        if self.max_workers == 0:
-            self._inline = Caller(self.serializer, self.resolver, self.hook, WorkerInfo(slot=-1, name=self.config.name, serial=0, pid=os.getpid()))
-        else:
-            if self.threaded and isinstance(self.spawner, ForkServer):
-                # The first workers, asked for now: forked here from the main thread, or
-                # queued in the fork server's socket (it forks them when it is up).
-                self.spawner.start(first=lambda: self._scale(time.monotonic()))
+        try:
+            self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+            if self.max_workers == 0:
+                self._inline = Caller(
+                    self.serializer, self.resolver, self.hook, WorkerInfo(slot=-1, name=self.config.name, serial=0, pid=os.getpid())
+                )
             else:
-                self.spawner.start()  # the fork server forks now, before our thread exists
-            self._sync_spawner_fds()
-            for event in self.spawner.take_ready():  # a worker forked here: watch its channel now
-                self._on_spawner_event(event)
+                if self.threaded and isinstance(self.spawner, ForkServer):
+                    # The first workers, asked for now: forked here from the main thread, or
+                    # queued in the fork server's socket (it forks them when it is up).
+                    self.spawner.start(first=lambda: self._scale(time.monotonic()))
+                else:
+                    self.spawner.start()  # the fork server forks now, before our thread exists
+                self._sync_spawner_fds()
+                for event in self.spawner.take_ready():  # a worker forked here: watch its channel now
+                    self._on_spawner_event(event)
+        except BaseException:  # a strategy or hook raised while starting: leave nothing behind
+            self._teardown()
+            raise
         _live.add(self)
         # Budgets (max_tasks_per_child) retire and fork from inside a dispatch: the loop's.
         self._direct_ok = self.threaded and self._inline is None and not self.max_tasks
@@ -745,11 +752,13 @@ class Supervisor:
                     log.exception("a prefork_child_data hook failed")
         return len(frames)
 
-    def _on_broken_channel(self, w: _Worker, exc: BaseException) -> None:
-        """``w``'s channel carries bytes that are not frames (its task wrote into the
-        socket, say): that worker alone is lost.  It is killed; its running task fails."""
+    def _on_broken_channel(self, w: _Worker, exc: BaseException, sending: bool = False) -> None:
+        """``w``'s channel is unusable: it carries bytes that are not frames (its task
+        wrote into the socket, say), or the transport refused to send.  That worker
+        alone is lost: it is killed; its running task fails, the others go back."""
         if not w.lost_reason:
-            w.lost_reason = f"its channel broke ({exc}); did its task write to the worker's socket?"
+            hint = "the transport could not send to it" if sending else "did its task write to the worker's socket?"
+            w.lost_reason = f"its channel broke ({exc}); {hint}"
             self._log(logging.ERROR, f"worker {w.pid}: {w.lost_reason} Killing it.")
         w.boot_error = w.boot_error or (w.lost_reason if w.state == BOOTING else "")
         self._on_eof(w)
@@ -885,7 +894,11 @@ class Supervisor:
     def _send_calls(self, w: _Worker, items: list[tuple[int, _frames.Payload]]) -> None:
         if w.budget > 0:
             w.budget -= len(items)
-        _frames.send_pieces(w.channel, _frames.call_pieces(items))
+        try:
+            _frames.send_pieces(w.channel, _frames.call_pieces(items))
+        except Exception as exc:  # a transport's send refused: that worker's channel is unusable
+            self._on_broken_channel(w, exc, sending=True)  # its tasks: sent back (never started) or failed as it dies
+            return
         if w.channel.wants_write():
             self._sel.modify(w.channel.fileno(), selectors.EVENT_READ | selectors.EVENT_WRITE, self._on_channel)
 

@@ -360,3 +360,66 @@ def test_a_worker_killed_while_it_buffers_results_is_not_taken_for_alive() -> No
         ok = [f.result() for f in fs if f.exception() is None]
         assert len(ok) >= 298 and len(set(ok)) == len(ok)
         wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=10)
+
+
+def test_calls_around_max_frame_run_or_fail_alone_and_the_pool_goes_on() -> None:
+    """A call exactly at the limit made a frame one byte over it (the CALLS kind byte was
+    not counted): the transport refused it inside the loop and the pool broke."""
+    with prefork.Executor(1, overrides={"transport.max_frame": 1000}) as ex:
+        for n in range(930, 1000):
+            fut = ex.submit(len, b"x" * n)
+            exc = fut.exception(timeout=10)
+            assert exc is None or (isinstance(exc, ValueError) and "max_frame" in str(exc)), (n, repr(exc))
+        assert ex.submit(abs, -1).result(timeout=10) == 1
+
+
+class _FlakyParent:
+    """A parent channel whose third send raises (a transport plugin's bug)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.sends = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def send(self, frame: bytes) -> None:
+        self.sends += 1
+        if self.sends == 3:
+            raise RuntimeError("the transport's send failed")
+        self.inner.send(frame)
+
+
+def test_a_transport_whose_send_raises_loses_that_worker_not_the_pool() -> None:
+    import attrs
+
+    from prefork.strategies.transport import PipeTransport
+
+    @attrs.frozen
+    class Flaky(PipeTransport):
+        def parent_channel(self, sock: Any) -> Any:
+            return _FlakyParent(super().parent_channel(sock))  # small frames go through send()
+
+    with prefork.Executor(1, transport=Flaky()) as ex:
+        results = [ex.submit(abs, -i) for i in range(6)]
+        outcomes = [f.exception(timeout=15) or f.result() for f in results]
+        assert all(isinstance(o, (int, prefork.WorkerLost)) for o in outcomes), outcomes
+        assert sum(isinstance(o, prefork.WorkerLost) for o in outcomes) <= 1
+        for i in range(6):  # one by one: every task its own frame, so the third send is surely made
+            assert ex.submit(abs, -i).result(timeout=10) == i
+        assert ex._sup.spawned_total >= 2, "the worker whose send failed was replaced"
+
+
+def test_a_strategy_that_raises_while_the_pool_starts_leaves_no_process() -> None:
+    import attrs
+
+    from prefork.strategies.transport import PipeTransport
+
+    @attrs.frozen
+    class Broken(PipeTransport):
+        def parent_channel(self, sock: Any) -> Any:
+            raise RuntimeError("no channel today")
+
+    with pytest.raises(RuntimeError, match="no channel today"):
+        prefork.Executor(2, transport=Broken())
+    # the autouse fixture fails this test if the fork server or a worker is left
