@@ -1164,6 +1164,12 @@ class Supervisor:
                 pass
         self._spawner_fds = set()
         self._fail_everything(PoolShutDown("the pool was shut down"))
+        close = getattr(self.sink, "close", None)  # optional: once, after the last outcome was delivered
+        try:
+            if close is not None:
+                close()
+        except BaseException:
+            log.exception("result sink %r failed to close", self.sink)
         _live.discard(self)
         self._close_fds()
         self._done_event.set()

@@ -171,3 +171,30 @@ def test_bad_import_paths_and_options_are_one_clear_line(tmp_path: Path) -> None
     toml.write_text('scaling = 3\n')
     with pytest.raises(ConfigError, match=r"scaling = 3: must be a table or a strategy name"):
         load_config(toml)
+
+
+class ClosingSink(QueueSink):
+    """Records the order of deliveries and the close."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def deliver(self, task: Any, ok: bool, value: Any) -> None:
+        self.events.append("deliver")
+        super().deliver(task, ok, value)
+
+    def close(self) -> None:
+        self.events.append("close")
+        raise RuntimeError("a sink whose close fails does not stop the pool from stopping")
+
+
+def test_a_sinks_close_is_called_once_after_the_last_delivery() -> None:
+    sink = ClosingSink()
+    sup = Supervisor(load_config(None, {"sink": sink, "scaling.workers": 1}))
+    sup.start()
+    for i in range(3):
+        sup.submit(abs, (-i,))
+    sup.shutdown(wait=True)
+    assert sup.stopped
+    assert sink.events == ["deliver"] * 3 + ["close"]
