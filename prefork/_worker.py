@@ -195,9 +195,13 @@ def read_stack(pid: int, fd: int) -> str:
 
 
 def _rss_bytes() -> int:
+    """The worker's own resident memory: anonymous pages (statm's resident less shared).
+    File-backed pages it inherited from a large parent are left out: the kernel may
+    reclaim them at any time, which made the growth since boot look smaller than it was."""
     try:
         with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 

@@ -210,7 +210,7 @@ class PoolConfig:
     )
     max_rss_mb: float = attrs.field(
         default=0.0, converter=_as_float, validator=_seconds(0),
-        metadata=_doc("recycle a worker whose memory (RSS) grew by more than this many MiB since it booted: a task "
+        metadata=_doc("recycle a worker whose own memory (anonymous resident pages) grew by more than this many MiB since it booted: a task "
                       "worker finishes the tasks it holds first, a self-feeding one leaves at its next idle() (0: no limit)"),
     )
     max_worker_age: float = attrs.field(
