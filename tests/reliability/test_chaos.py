@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import wait
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,37 +131,46 @@ def _storm(
     return t
 
 
+def _submit_under_storm(ex: prefork.Executor, seed: int, batch: Any) -> tuple[list[Any], int]:
+    """Submit ``batch(n)`` (a list of futures for the n-th round) again and again for 3 s
+    while workers are SIGKILLed at random; every future answered.  Returns the futures
+    and the number of kills."""
+    stop = threading.Event()
+    kills: list[int] = []
+    chaos = _storm(ex, stop, kills, seed)
+    futures: list[Any] = []
+    try:
+        deadline = time.monotonic() + 3.0
+        n = 0
+        while time.monotonic() < deadline:
+            round_ = batch(n)
+            n += 1
+            futures += round_
+            wait(round_, timeout=30)
+    finally:
+        stop.set()
+        chaos.join(10)
+    _, pending = wait(futures, timeout=30)
+    assert not pending, f"{len(pending)} tasks never got an outcome"
+    assert len(kills) >= 10, f"only {len(kills)} kills: the storm was too gentle"
+    return futures, len(kills)
+
+
 @pytest.mark.parametrize("mode", ["forkserver", "direct"])
 def test_random_kills_among_no_op_tasks_fail_at_most_one_task_per_kill(tmp_path: Path, mode: str) -> None:
     """No-op tasks travel in batches; each SIGKILL may fail the one task running, no more."""
     ledger = str(tmp_path / "ledger")
-    stop = threading.Event()
-    kills: list[int] = []
     with prefork.Executor(2, overrides={"pool.fork_from": mode}) as ex:
-        chaos = _storm(ex, stop, kills, 99)
-        try:
-            futures = []
-            deadline = time.monotonic() + 3.0
-            n = 0
-            while time.monotonic() < deadline:
-                batch = [ex.submit(ledger_noop, ledger, n + i) for i in range(500)]
-                n += len(batch)
-                futures += batch
-                wait(batch, timeout=30)
-        finally:
-            stop.set()
-            chaos.join(10)
-        _, pending = wait(futures, timeout=30)
-        assert not pending
+        futures, kills = _submit_under_storm(
+            ex, 99, lambda n: [ex.submit(ledger_noop, ledger, 500 * n + i) for i in range(500)]
+        )
         failed = [f for f in futures if f.exception() is not None]
         for f in failed:
             exc = f.exception()
             assert isinstance(exc, prefork.WorkerLost) and exc.started, repr(exc)
-        assert len(kills) >= 10, f"only {len(kills)} kills"
-        assert len(failed) <= len(kills), f"{len(failed)} tasks failed for {len(kills)} kills"
+        assert len(failed) <= kills, f"{len(failed)} tasks failed for {kills} kills"
         assert ex.submit(abs, -1).result(timeout=10) == 1
-    lines = Path(ledger).read_text().split()
-    ran = [int(x) for x in lines]
+    ran = [int(x) for x in Path(ledger).read_text().split()]
     assert len(ran) == len(set(ran)), "a task ran twice"
     succeeded = {f.result() for f in futures if f.exception() is None}
     assert succeeded <= set(ran)
@@ -168,27 +178,13 @@ def test_random_kills_among_no_op_tasks_fail_at_most_one_task_per_kill(tmp_path:
 
 def test_random_kills_among_batched_chunks_fail_at_most_one_chunk_per_kill(tmp_path: Path) -> None:
     ledger = str(tmp_path / "ledger")
-    stop = threading.Event()
-    kills: list[int] = []
     with prefork.Executor(2) as ex:
-        chaos = _storm(ex, stop, kills, 7)
-        try:
-            futures = []
-            deadline = time.monotonic() + 3.0
-            n = 0
-            while time.monotonic() < deadline:
-                batch = [ex.submit(ledger_chunk, ledger, list(range(n + 20 * i, n + 20 * i + 20))) for i in range(100)]
-                n += 2000
-                futures += batch
-                wait(batch, timeout=30)
-        finally:
-            stop.set()
-            chaos.join(10)
-        _, pending = wait(futures, timeout=30)
-        assert not pending
+        futures, kills = _submit_under_storm(
+            ex, 7, lambda n: [ex.submit(ledger_chunk, ledger, list(range(2000 * n + 20 * i, 2000 * n + 20 * i + 20)))
+                              for i in range(100)]
+        )
         failed = [f for f in futures if f.exception() is not None]
         assert all(isinstance(f.exception(), prefork.WorkerLost) for f in failed)
-        assert len(kills) >= 10
-        assert len(failed) <= len(kills), f"{len(failed)} chunks failed for {len(kills)} kills"
+        assert len(failed) <= kills, f"{len(failed)} chunks failed for {kills} kills"
     ran = [int(x) for x in Path(ledger).read_text().split()]
     assert len(ran) == len(set(ran)), "a chunk ran twice"
