@@ -44,6 +44,7 @@ import attrs
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, buffer_loads, decode_error, dump_parts
 from prefork._ledger import Ledger
+from prefork._scaler import Scaler
 from prefork._pickle_path import find_unserializable
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._task import Task, WorkerInfo
@@ -53,7 +54,7 @@ from prefork._workers import Worker as _Worker
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError, TaskTimeout, WorkerLost, describe_status
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies.resolver import MethodResolver, import_object
-from prefork.strategies.scaling import Decision, PoolStats, ScalingPolicy
+from prefork.strategies.scaling import ScalingPolicy
 from prefork.strategies.serializer import Serializer
 from prefork.strategies.sink import ResultSink
 from prefork.strategies.transport import Transport
@@ -132,7 +133,7 @@ class Supervisor:
         # plugins of this pool alone get a plugin manager of its own: the config's is shared
         self.pm = pool_plugin_manager(config.plugin_manager, plugins) if plugins else config.plugin_manager
         self.hook = self.pm.hook
-        self.policy: ScalingPolicy = config.create("scaling")
+        self._scaler = Scaler(config.create("scaling"), one_fork_per_tick=return_in_child)
         self.serializer: Serializer = config.create("serializer")
         self._loads = buffer_loads(self.serializer)
         self._dump_parts = dump_parts(self.serializer)
@@ -148,7 +149,7 @@ class Supervisor:
         finalizer = pool.finalizer or None
         if isinstance(finalizer, str):
             finalizer = import_object(finalizer)
-        self.max_workers = self.policy.max_workers()
+        self.max_workers = self._scaler.max_workers
         self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
         self._call_limit = _frames.MAX_PAYLOAD
         if self.max_frame:
@@ -204,12 +205,6 @@ class Supervisor:
         self._serials = itertools.count(1)
         self._deadlines = self.ledger.deadlines
         self._avg_task: float | None = None  # moving average of task run time (s)
-        self._spawned_total = 0
-        self._last_spawn = -math.inf
-        self._spawn_rate = 1
-        self._next_tick = 0.0
-        self._boot_failures = 0
-        self._spawn_not_before = 0.0
         self._broken: PoolBroken | None = None
         self._closing = False
         self._stopped = False
@@ -484,7 +479,12 @@ class Supervisor:
     @property
     def spawned_total(self) -> int:
         """Workers forked since the pool started."""
-        return self._spawned_total
+        return self._scaler.spawned_total
+
+    @property
+    def policy(self) -> ScalingPolicy:
+        """The scaling policy in use (see ``update_policy``)."""
+        return self._scaler.policy
 
     def update_policy(self, **changes: Any) -> Any:
         """Change the scaling policy's options while the pool runs (``min_spare=2``...),
@@ -505,8 +505,7 @@ class Supervisor:
         if new.max_workers() > self.max_workers:
             raise ValueError(f"the pool was made for at most {self.max_workers} workers (its scoreboard's size); "
                              f"the changed policy wants {new.max_workers()}")
-        self.policy = new
-        self._next_tick = 0.0
+        self._scaler.replace_policy(new)
         self._wake()
         return new
 
@@ -557,7 +556,7 @@ class Supervisor:
             self._progress_shutdown(now)
 
     def _next_wait(self, now: float) -> float:
-        wait = self._next_tick - now
+        wait = self._scaler.next_tick - now
         if self.max_worker_age and not self.self_feeding:
             wait = min(wait, 0.25)  # ages are looked at a few times a second
         if self._deadlines:
@@ -645,8 +644,7 @@ class Supervisor:
         w.inflight = self.ledger.held(w)  # the ledger's record of what it holds, in order
         w.info = WorkerInfo(slot=slot, name=self.config.name, serial=serial)
         self._workers[slot] = w
-        self._spawned_total += 1
-        self._last_spawn = now
+        self._scaler.spawned(now)
         self.spawner.spawn(slot, serial)
         self._sync_spawner_fds()
 
@@ -730,7 +728,7 @@ class Supervisor:
                 if w.state == BOOTING:  # one retired while it booted stays retiring
                     w.state = READY
                 w.idle_since = time.monotonic()
-                self._boot_failures = 0
+                self._scaler.booted()
             elif kind == _frames.BOOTFAIL:
                 w.boot_error = frame[1:].decode("utf-8", "replace")
             elif kind == _frames.LEAVING:
@@ -953,7 +951,7 @@ class Supervisor:
                 else:  # the fork never came back
                     self._release(w)
                     self._boot_failed(f"no worker was forked within boot_timeout = {self.boot_timeout:g} s")
-        if now >= self._next_tick or self.queue:
+        if self._scaler.due(now, len(self.queue)):
             self._scale(now)
 
     def _check_timeout(self, task: Task, now: float) -> None:
@@ -998,7 +996,7 @@ class Supervisor:
         killed is replaced now; the policy's own retirements keep its pace.
         """
         if kill or replace:
-            self._next_tick = 0.0
+            self._scaler.soon()
         if w.state != RETIRING:
             w.state = RETIRING
             w.reason = reason
@@ -1021,30 +1019,15 @@ class Supervisor:
         if self._closing and not self.queue:
             return
         count = census(self._workers.values(), now, self.scoreboard if self.self_feeding else None)
-        alive = count.alive
-        stats = PoolStats(
-            now=now, alive=alive, booting=count.booting, idle=count.idle, busy=count.busy, queued=len(self.queue),
-            spawned_total=self._spawned_total, last_spawn=self._last_spawn,
-            longest_idle=count.longest_idle, spawn_rate=self._spawn_rate,
-        )
-        decision: Decision = self.policy.decide(stats)
-        self._spawn_rate = decision.spawn_rate
-        self._next_tick = now + (decision.next_tick if decision.next_tick is not None else 1.0)
-        if decision.spawn and now >= self._spawn_not_before:
-            n = min(decision.spawn, self.max_workers - alive)
-            if self.ctx.return_in_child:
-                n = min(n, 1)  # kid_new forks one child per call; the next call forks the next
-                self._next_tick = now
-            for _ in range(n):
-                self._spawn(now)
-        elif decision.spawn:
-            self._next_tick = min(self._next_tick, self._spawn_not_before)
-        if decision.retire:
+        step = self._scaler.tick(now, count, len(self.queue))
+        for _ in range(step.spawn):
+            self._spawn(now)
+        if step.retire:
             idle_workers = sorted(
                 (w for w in self._workers.values() if w.state == READY and self._is_idle(w)),
                 key=lambda w: w.idle_since,
             )
-            for w in idle_workers[: decision.retire]:
+            for w in idle_workers[: step.retire]:
                 self._retire(w, "retired by the scaling policy")
 
     # -- death ----------------------------------------------------------------------
@@ -1085,7 +1068,7 @@ class Supervisor:
         except BaseException:
             log.exception("a prefork_worker_exited hook failed")
         if not expected:
-            self._next_tick = 0.0  # let the policy replace it now (a retired one was replaced already)
+            self._scaler.soon()  # let the policy replace it now (a retired one was replaced already)
 
     def _release(self, w: _Worker) -> None:
         self.ledger.forget_holder(w)
@@ -1106,9 +1089,9 @@ class Supervisor:
         self._free_slots.append(w.slot)
 
     def _boot_failed(self, why: str) -> None:
-        self._boot_failures += 1
-        n = self._boot_failures
+        n = self._scaler.boot_failures + 1
         if n >= self.max_boot_failures:
+            self._scaler.boot_failures = n
             broken = PoolBroken(f"workers failed to boot {n} times in a row; the pool is broken. Last failure:\n{why}")
             with self._lock:
                 self._broken = broken
@@ -1116,8 +1099,7 @@ class Supervisor:
             self._log(logging.ERROR, str(broken))
             self._fail_everything(broken)
             return
-        delay = min(2.0, 0.05 * 2 ** (n - 1))
-        self._spawn_not_before = time.monotonic() + delay
+        delay = self._scaler.boot_failed(time.monotonic())
         self._log(logging.WARNING, f"a worker failed to boot ({n} in a row); retrying in {delay:g} s:\n{why}")
 
     # -- shutdown -------------------------------------------------------------------
@@ -1192,7 +1174,7 @@ class Supervisor:
         for w in list(self._workers.values()):
             if w.state != RETIRING:
                 self._retire(w, reason)
-        self._next_tick = 0.0
+        self._scaler.soon()
         self._wake()
 
     def stats(self) -> dict[str, int]:
@@ -1205,7 +1187,7 @@ class Supervisor:
             "retiring": count.retiring,
             "queued": len(self.queue),
             "in_flight": len(self._tasks),
-            "spawned_total": self._spawned_total,
+            "spawned_total": self._scaler.spawned_total,
         }
 
     def _close_fds(self) -> None:

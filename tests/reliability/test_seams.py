@@ -195,14 +195,15 @@ def slow(x: float) -> float:
 
 def test_if_the_loop_dies_anyway_the_pool_is_broken_at_once() -> None:
     sup = Supervisor(load_config(None, {"scaling.name": "fixed", "scaling.workers": 1}))
-    sup.policy = _Exploding(sup.policy)
+    exploding = _Exploding(sup.policy)
+    sup._scaler.replace_policy(exploding)
     sup.start()
     try:
         assert sup.submit(abs, (-1,)).result(10) == 1
         running = sup.submit(slow, (0.5,))
         queued = [sup.submit(abs, (-i,)) for i in range(5)]
-        sup.policy.armed = True
-        sup._next_tick = 0.0
+        exploding.armed = True
+        sup._scaler.soon()
         sup._wake()
         for f in [running, *queued]:
             exc = f.exception(timeout=10)
