@@ -82,7 +82,7 @@ class Scaler:
     def boot_failed(self, now: float) -> float:
         """A worker failed to boot: back off (50 ms, doubling, at most 2 s); returns the delay."""
         self.boot_failures += 1
-        delay = min(2.0, 0.05 * 2 ** (self.boot_failures - 1))
+        delay = min(2.0, 0.05 * 2.0 ** (self.boot_failures - 1))
         self.not_before = now + delay
         return delay
 

@@ -44,9 +44,9 @@ import attrs
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, buffer_loads, decode_error, dump_parts
 from prefork._ledger import Ledger
-from prefork._scaler import Scaler
 from prefork._pickle_path import find_unserializable
-from prefork._spawn import DirectSpawner, ForkServer
+from prefork._scaler import Scaler
+from prefork._spawn import DirectSpawner, Event, ForkServer, Spawned, SpawnFailed
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
 from prefork._workers import BOOTING, READY, RETIRING, census
@@ -648,40 +648,36 @@ class Supervisor:
         self.spawner.spawn(slot, serial)
         self._sync_spawner_fds()
 
-    def _on_spawner_event(self, event: tuple[Any, ...]) -> None:
+    def _on_spawner_event(self, event: Event) -> None:
         self.events += 1
-        kind = event[0]
-        if kind == "spawned":
-            _, slot, serial, pid, sock = event
-            w = self._workers.get(slot)
-            if w is None or w.serial != serial:
-                sock.close()  # we gave up on it; the exit will come
+        if isinstance(event, Spawned):
+            w = self._workers.get(event.slot)
+            if w is None or w.serial != event.serial:
+                event.sock.close()  # we gave up on it; the exit will come
                 return
-            w.pid = pid
+            pid = w.pid = event.pid
             self.last_spawned = pid
             assert w.info is not None
             w.info.pid = pid
             self._by_pid[pid] = w
-            w.channel = self.transport.parent_channel(sock)
+            w.channel = self.transport.parent_channel(event.sock)
             fd = w.channel.fileno()
             self.ctx.internal_fds.add(fd)
             self._by_fd[fd] = w
             self._sel.register(fd, selectors.EVENT_READ, self._on_channel)
-            self._log(logging.INFO, f"forked worker {pid} (slot {slot})")
+            self._log(logging.INFO, f"forked worker {pid} (slot {event.slot})")
             if self._force:
                 self.spawner.signal(pid, signal.SIGKILL)
-        elif kind == "failed":
-            _, slot, serial, text = event
-            w = self._workers.get(slot)
-            if w is not None and w.serial == serial:
+        elif isinstance(event, SpawnFailed):
+            w = self._workers.get(event.slot)
+            if w is not None and w.serial == event.serial:
                 self._release(w)
-                self._boot_failed(text)
-        elif kind == "exited":
-            _, pid, status = event
-            w = self._by_pid.get(pid)
+                self._boot_failed(event.text)
+        else:
+            w = self._by_pid.get(event.pid)
             if w is None:
                 return
-            w.status = status
+            w.status = event.status
             # Everything it wrote is in its socket now: read it, then judge without waiting
             # for end of stream, which a process it forked (a daemon) may hold off forever.
             reads = 0
