@@ -47,6 +47,7 @@ from prefork._ledger import Ledger
 from prefork._pickle_path import find_unserializable
 from prefork._scaler import Scaler
 from prefork._spawn import DirectSpawner, Event, ForkServer, Spawned, SpawnFailed
+from prefork._status import Tally, snapshot
 from prefork._task import Task, WorkerInfo
 from prefork._worker import EXIT_BOOT_FAILED, STACK_SIGNAL, WorkerContext, read_stack
 from prefork._workers import BOOTING, READY, RETIRING, census
@@ -68,6 +69,7 @@ LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
 FRAME_BYTES: Final = 256 * 1024  #: a CALLS frame stops growing past this size (one large call may exceed it)
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
+WORKER_LIMIT: Final = 64  #: a pool may grow to this many workers at run time (or its policy's maximum, if more)
 _DRAIN_READS: Final = 1024  #: reads of a dead worker's channel at most (a live grandchild may keep writing)
 
 _NO_KWARGS: Final[dict[str, Any]] = {}  #: shared by calls without keyword arguments; never mutated
@@ -149,7 +151,10 @@ class Supervisor:
         finalizer = pool.finalizer or None
         if isinstance(finalizer, str):
             finalizer = import_object(finalizer)
-        self.max_workers = self._scaler.max_workers
+        self.max_workers = self._scaler.policy.max_workers()
+        #: most workers at once, whatever the policy becomes at run time (the scoreboard's size)
+        self.worker_limit = max(self.max_workers, WORKER_LIMIT) if self.max_workers else 0
+        self._scaler.max_workers = self.worker_limit
         self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
         self._call_limit = _frames.MAX_PAYLOAD
         if self.max_frame:
@@ -173,7 +178,7 @@ class Supervisor:
         self.max_worker_age = pool.max_worker_age
         self.threaded = threaded
 
-        self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.max_workers + 2))
+        self.scoreboard = _scoreboard.Scoreboard(max(1, 2 * self.worker_limit + 2))
         self.ctx = WorkerContext(
             name=config.name,
             title=pool.worker_title.format(name=config.name),
@@ -195,6 +200,8 @@ class Supervisor:
         )
         #: the bookkeeping of tasks (queue, in flight by worker, deadlines, what a death means)
         self.ledger = Ledger(max_crash_retries=pool.max_crash_retries)
+        self.tally = Tally()  #: totals for status and metrics
+        self._submitted = 0
         self.queue = self.ledger.queue  # the same objects, for the hot paths
         self._tasks = self.ledger.in_flight
         self._workers: dict[int, _Worker] = {}  # by slot
@@ -365,7 +372,8 @@ class Supervisor:
         if self.self_feeding:
             raise RuntimeError("this pool's workers feed themselves (a worker body); it takes no tasks")
         kwargs = kwargs or _NO_KWARGS
-        task = Task(next(self._ids), method, args, kwargs, timeout if timeout is not None else self.default_timeout, context, callback)
+        self._submitted = tid = next(self._ids)
+        task = Task(tid, method, args, kwargs, timeout if timeout is not None else self.default_timeout, context, callback)
         task.submitted_at = time.monotonic()
         handle = self.sink.attach(task)
         try:
@@ -444,7 +452,7 @@ class Supervisor:
             assert isinstance(w, _Worker)
             self._settle(w, task, False, CancelledError())
             self._log(logging.INFO, f"task {task.id} cancelled while running; killing worker {w.pid}")
-            self._retire(w, "its running task was cancelled", kill=True)
+            self._retire(w, "its running task was cancelled", "cancelled", kill=True)
 
     def _wake(self) -> None:
         """Make the loop's ``select`` return.  Safe from any thread and from a signal
@@ -502,8 +510,8 @@ class Supervisor:
         else:
             raise TypeError(f"scaling policy {type(policy).__qualname__} cannot be changed while running "
                             "(it is no attrs class and has no evolve(**changes))")
-        if new.max_workers() > self.max_workers:
-            raise ValueError(f"the pool was made for at most {self.max_workers} workers (its scoreboard's size); "
+        if new.max_workers() > self.worker_limit:
+            raise ValueError(f"the pool was made for at most {self.worker_limit} workers (its scoreboard's size); "
                              f"the changed policy wants {new.max_workers()}")
         self._scaler.replace_policy(new)
         self._wake()
@@ -732,8 +740,9 @@ class Supervisor:
                 if self.self_feeding:
                     w.state = RETIRING  # it is on its way out
                     w.reason = reason
+                    w.cause = "max-rss" if reason.startswith("memory grew") else "recycled"
                 else:  # a task worker asks to be recycled: STOP follows what it holds
-                    self._retire(w, reason, replace=True)
+                    self._retire(w, reason, "max-rss" if reason.startswith("memory grew") else "recycled", replace=True)
             elif kind == _frames.DATA:
                 try:
                     payload, code = _frames.decode_data(frame)
@@ -756,7 +765,7 @@ class Supervisor:
             self._log(logging.ERROR, f"worker {w.pid}: {w.lost_reason} Killing it.")
         w.boot_error = w.boot_error or (w.lost_reason if w.state == BOOTING else "")
         self._on_eof(w)
-        self._retire(w, w.lost_reason, kill=True)
+        self._retire(w, w.lost_reason, "broken-channel", kill=True)
 
     def _on_eof(self, w: _Worker) -> None:
         if w.eof:
@@ -812,6 +821,7 @@ class Supervisor:
         task.done = True
         if not task.finished_at:
             task.finished_at = time.monotonic()
+        self.tally.outcome(ok, value)
         try:
             self.sink.deliver(task, ok, value)
         except BaseException as exc:  # a sink's or a done-callback's, even SystemExit: never the loop's end
@@ -881,7 +891,7 @@ class Supervisor:
             if items:
                 self._send_calls(w, items)
             if w.budget == 0 and w.state != RETIRING:  # its last tasks: STOP follows them, the replacement forks now
-                self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", replace=True)
+                self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", "max-tasks", replace=True)
             if not queue:
                 break
 
@@ -935,7 +945,7 @@ class Supervisor:
                 self._check_timeout(task, now)
         for w in list(self._workers.values()):
             if self.max_worker_age and w.state == READY and now - w.spawned_at > self.max_worker_age:
-                self._retire(w, f"max_worker_age reached ({self.max_worker_age:g} s)", replace=True)
+                self._retire(w, f"max_worker_age reached ({self.max_worker_age:g} s)", "max-age", replace=True)
             if w.kill_at <= now and w.pid:
                 self.spawner.signal(w.pid, signal.SIGKILL)
                 w.kill_at = math.inf
@@ -978,14 +988,14 @@ class Supervisor:
         task.started_at = started
         self._settle(w, task, False, TaskTimeout(task.timeout, w.pid, stack))
         self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
-        self._retire(w, "a task timed out", kill=True)
+        self._retire(w, "a task timed out", "timeout", kill=True)
 
     def _is_idle(self, w: _Worker) -> bool:
         if self.self_feeding:
             return self.scoreboard.state(w.slot) == _scoreboard.IDLE
         return not w.inflight
 
-    def _retire(self, w: _Worker, reason: str, kill: bool = False, replace: bool = False) -> None:
+    def _retire(self, w: _Worker, reason: str, cause: str, kill: bool = False, replace: bool = False) -> None:
         """Ask ``w`` to leave (STOP, or SIGTERM for self-feeding workers), or kill it.
 
         ``replace`` (and ``kill``) runs the policy at once, so a worker recycled or
@@ -996,6 +1006,7 @@ class Supervisor:
         if w.state != RETIRING:
             w.state = RETIRING
             w.reason = reason
+            w.cause = cause
         if kill:
             if w.pid:
                 self.spawner.signal(w.pid, signal.SIGTERM)
@@ -1024,7 +1035,7 @@ class Supervisor:
                 key=lambda w: w.idle_since,
             )
             for w in idle_workers[: step.retire]:
-                self._retire(w, "retired by the scaling policy")
+                self._retire(w, "retired by the scaling policy", "scaled-down")
 
     # -- death ----------------------------------------------------------------------
 
@@ -1053,9 +1064,13 @@ class Supervisor:
             why = w.boot_error or f"the worker exited during boot ({describe_status(status)})"
             if status is not None and os.WIFEXITED(status) and os.waitstatus_to_exitcode(status) == EXIT_BOOT_FAILED and not w.boot_error:
                 why = "the worker's initializer failed"
+            self.tally.exits["boot-failure"] += 1
             self._boot_failed(why)
         elif not expected:
+            self.tally.exits["crash"] += 1
             self._log(logging.WARNING, f"worker {w.pid} died unexpectedly ({describe_status(status)}); replacing it")
+        else:
+            self.tally.exits[w.cause or "shutdown"] += 1
         reason = w.reason or ("stopped" if expected else f"died ({describe_status(status)})")
         if expected:
             self._log(logging.INFO, f"worker {w.pid} left: {reason} ({describe_status(status)})")
@@ -1107,6 +1122,7 @@ class Supervisor:
                     self.spawner.signal(w.pid, signal.SIGKILL)
                     w.kill_at = now + 1.0
                 w.state = RETIRING
+                w.cause = w.cause or "shutdown"
             for w in list(self._workers.values()):
                 if w.state == BOOTING and not w.pid:
                     self._release(w)
@@ -1120,7 +1136,7 @@ class Supervisor:
             if w.state == BOOTING and not w.pid:
                 self._release(w)  # its spawn is still in the fork server's hands
                 continue
-            self._retire(w, "pool shut down")
+            self._retire(w, "pool shut down", "shutdown")
         if isinstance(self.spawner, ForkServer) and not self._force:
             self.spawner.drain()  # it leaves with its last worker, not after the others
         if self._workers:
@@ -1161,6 +1177,41 @@ class Supervisor:
         except BaseException:
             log.exception("a prefork_log hook failed")
 
+    @property
+    def workers(self) -> list[_Worker]:
+        """The worker records now (a copy: safe from any thread)."""
+        return list(self._workers.values())
+
+    @property
+    def closing(self) -> bool:
+        """``shutdown`` was asked for (or the pool broke): no task is taken any more."""
+        return self._closing
+
+    @property
+    def submitted(self) -> int:
+        """Tasks submitted so far."""
+        return self._submitted
+
+    def status(self) -> dict[str, Any]:
+        """The pool's status as JSON data, from any thread (``prefork._status.snapshot``)."""
+        return snapshot(self)
+
+    def resize(self, delta: int) -> ScalingPolicy:
+        """``delta`` more (or fewer) workers, as the policy understands it (``resized``):
+        ``fixed`` changes ``workers``, ``on-demand`` ``pre_fork``, ``spare`` both spare
+        bounds.  Capped by the pool's size; returns the new policy."""
+        policy: Any = self.policy
+        resized = getattr(policy, "resized", None)  # optional member of ScalingPolicy
+        if resized is None:
+            raise TypeError(f"scaling policy {getattr(policy, 'name', type(policy).__qualname__)!r} cannot be resized "
+                            "(it has no resized(delta) method)")
+        if not self.worker_limit:
+            raise TypeError("this pool runs its tasks in the caller (its policy allows no worker); it cannot be resized")
+        new: ScalingPolicy = resized(delta, self.worker_limit)
+        self._scaler.replace_policy(new)
+        self._wake()
+        return new
+
     def pids(self) -> list[int]:
         """Pids of the workers alive now."""
         return [w.pid for w in list(self._workers.values()) if w.pid and w.status is None]
@@ -1169,7 +1220,7 @@ class Supervisor:
         """Ask every worker to leave once idle; the policy forks their replacements."""
         for w in list(self._workers.values()):
             if w.state != RETIRING:
-                self._retire(w, reason)
+                self._retire(w, reason, "reload")
         self._scaler.soon()
         self._wake()
 

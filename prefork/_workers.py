@@ -29,6 +29,7 @@ class Worker:
         "boot_error",
         "boot_killed",
         "budget",
+        "cause",
         "channel",
         "eof",
         "idle_since",
@@ -70,6 +71,7 @@ class Worker:
         self.stack_wait = 0.0  # a stack dump was asked for; give up waiting at this time
         self.stack_seen = 0
         self.reason = ""  # why it is leaving, when we know
+        self.cause = ""  # the same, as one of prefork._status.EXIT_CAUSES
         self.info: WorkerInfo | None = None
 
 

@@ -51,6 +51,10 @@ class ScalingPolicy(Protocol):
 
     def decide(self, stats: PoolStats) -> Decision: ...
 
+    # Optional: ``resized(delta, limit) -> ScalingPolicy``, the policy with ``delta`` more
+    # (or fewer) workers and at most ``limit``: what ``prefork ctl NAME add N`` and
+    # ``Supervisor.resize`` use.  A policy without it cannot be resized at run time.
+
 
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity), at least 1."""
@@ -75,7 +79,8 @@ def _int(instance: Any, attribute: Any, value: Any) -> None:
 
 @attrs.frozen
 class FixedPolicy:
-    """Exactly ``workers`` workers; a worker that leaves is replaced at once."""
+    """Exactly ``workers`` workers; a worker that leaves is replaced at once, and
+    idle ones beyond ``workers`` (after ``resized``) are retired."""
 
     name: ClassVar[str] = "fixed"
     workers: int = attrs.field(default=0, validator=[_int, _ge(0)], metadata={"doc": "number of workers (0: one per CPU)"})
@@ -87,7 +92,12 @@ class FixedPolicy:
         return self.count()
 
     def decide(self, stats: PoolStats) -> Decision:
-        return Decision(spawn=max(0, self.count() - stats.alive))
+        want = self.count()
+        return Decision(spawn=max(0, want - stats.alive), retire=max(0, min(stats.alive - want, stats.idle)))
+
+    def resized(self, delta: int, limit: int) -> FixedPolicy:
+        """``delta`` more workers (at least 1, at most ``limit``)."""
+        return attrs.evolve(self, workers=min(max(1, self.count() + delta), limit))
 
 
 @attrs.frozen
@@ -124,6 +134,11 @@ class OnDemandPolicy:
             return Decision(next_tick=left)
         return Decision()
 
+    def resized(self, delta: int, limit: int) -> OnDemandPolicy:
+        """``delta`` more workers kept (``pre_fork``); ``max_forks`` grows with it, up to ``limit``."""
+        pre_fork = min(max(0, self.pre_fork + delta), limit)
+        return attrs.evolve(self, pre_fork=pre_fork, max_forks=min(max(self.max_forks, pre_fork), limit))
+
 
 @attrs.frozen
 class SparePolicy:
@@ -159,6 +174,13 @@ class SparePolicy:
             n = min(stats.spawn_rate, room, self.max_spare - spare)
             return Decision(spawn=n, spawn_rate=min(stats.spawn_rate * 2, self.max_rate), next_tick=self.tick)
         return Decision(next_tick=self.tick)
+
+    def resized(self, delta: int, limit: int) -> SparePolicy:
+        """Both spare bounds moved by ``delta`` (``min_spare`` at least 1), within ``max_servers`` and ``limit``."""
+        top = min(self.max_servers, limit)
+        low = min(max(1, self.min_spare + delta), top)
+        high = min(max(low, self.max_spare + delta), top)
+        return attrs.evolve(self, min_spare=low, max_spare=max(1, high))
 
 
 @hookimpl
