@@ -10,6 +10,7 @@ is versioned by ``STATUS_VERSION``.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from prefork import _scoreboard
+from prefork._task import Task
 from prefork._workers import BOOTING, RETIRING
 from prefork.errors import PoolBroken, PoolShutDown, TaskTimeout, WorkerLost
 
@@ -51,23 +53,55 @@ def failure_kind(value: BaseException) -> str:
     return "error"
 
 
-class Tally:
-    """Running totals of one pool, kept by its loop (one thread writes)."""
+#: upper bounds (s) of the time histograms' buckets (the last one, +inf, implied)
+BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-    __slots__ = ("completed", "exits", "failed", "started_at", "started_wall")
+
+class Histogram:
+    """Counts of observations per bucket of ``BUCKETS`` (not cumulative; the last is +inf) and their sum."""
+
+    __slots__ = ("counts", "sum")
 
     def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"buckets": list(BUCKETS), "counts": list(self.counts), "sum": self.sum, "count": sum(self.counts)}
+
+
+class Tally:
+    """Running totals of one pool, kept by its loop (one thread writes).
+
+    With ``timing`` (metrics asked for it) each outcome also goes into two
+    histograms: time in the queue (submitted to started) and run time."""
+
+    __slots__ = ("completed", "exits", "failed", "queue_wait", "run_time", "started_at", "started_wall", "timing")
+
+    def __init__(self, timing: bool = False) -> None:
         self.completed = 0  #: tasks that returned a value
         self.failed: Counter[str] = Counter()  #: by ``failure_kind``
         self.exits: Counter[str] = Counter()  #: workers that left, by cause
         self.started_at = time.monotonic()
         self.started_wall = time.time()
+        self.timing = timing
+        self.queue_wait = Histogram()
+        self.run_time = Histogram()
 
-    def outcome(self, ok: bool, value: Any) -> None:
+    def outcome(self, task: Task, ok: bool, value: Any) -> None:
         if ok:
             self.completed += 1
         else:
             self.failed[failure_kind(value) if isinstance(value, BaseException) else "error"] += 1
+        if self.timing and task.started_at:
+            if task.submitted_at:
+                self.queue_wait.observe(max(0.0, task.started_at - task.submitted_at))
+            if task.finished_at:
+                self.run_time.observe(max(0.0, task.finished_at - task.started_at))
 
 
 def method_name(method: Any) -> str:
@@ -181,7 +215,8 @@ def snapshot(sup: Supervisor) -> dict[str, Any]:
             "exits": dict(sorted(tally.exits.items())),
             "spawned": sup.spawned_total,
         },
+        **({"timing": {"queue_wait": tally.queue_wait.as_dict(), "run_time": tally.run_time.as_dict()}} if tally.timing else {}),
     }
 
 
-__all__ = ["EXIT_CAUSES", "FAILURE_KINDS", "STATUS_VERSION", "Tally", "failure_kind", "method_name", "snapshot"]
+__all__ = ["BUCKETS", "EXIT_CAUSES", "FAILURE_KINDS", "STATUS_VERSION", "Histogram", "Tally", "failure_kind", "method_name", "snapshot"]

@@ -821,7 +821,7 @@ class Supervisor:
         task.done = True
         if not task.finished_at:
             task.finished_at = time.monotonic()
-        self.tally.outcome(ok, value)
+        self.tally.outcome(task, ok, value)
         try:
             self.sink.deliver(task, ok, value)
         except BaseException as exc:  # a sink's or a done-callback's, even SystemExit: never the loop's end

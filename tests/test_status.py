@@ -161,3 +161,21 @@ def test_a_policy_without_resized_is_refused_with_its_name() -> None:
     with pytest.raises(TypeError, match="'plain' cannot be resized"):
         sup.resize(1)
     sup.shutdown()
+
+
+def test_with_timing_each_outcome_lands_in_the_queue_wait_and_run_time_histograms() -> None:
+    sup = pool(**{"scaling.workers": 1})
+    sup.tally.timing = True
+    try:
+        for f in [sup.submit(napping, (0.03,)) for _ in range(3)]:
+            f.result(10)
+        assert isinstance(sup.submit(fails).exception(10), ValueError)
+        timing = sup.status()["timing"]
+        run, wait = timing["run_time"], timing["queue_wait"]
+        assert run["count"] == 4 and wait["count"] == 4
+        assert 0.09 <= run["sum"] < 2.0  # three naps of 30 ms, one quick failure
+        i = run["buckets"].index(0.05)  # 30 ms naps fall in the (0.025, 0.05] bucket
+        assert run["counts"][i] == 3
+        assert wait["sum"] >= 0.03  # the second and third nap waited for the first
+    finally:
+        sup.shutdown()
