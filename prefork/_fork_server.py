@@ -25,6 +25,7 @@ import time
 from typing import Any, Final, NoReturn
 
 from prefork._fork import STOP_SIGNALS, fork_worker, reap_worker, signal_group
+from prefork._logging import set_role
 from prefork._proctitle import set_title
 from prefork._worker import WorkerContext, close_fds, reset_signals
 
@@ -86,6 +87,7 @@ def _serve_loop(ctx: WorkerContext, sock: socket.socket, parent_pid: int, here: 
     except OSError:
         pass
     set_title(f"{ctx.name} forkserver")
+    set_role("fork-server")
     sel = selectors.DefaultSelector()
     ctx.internal_fds.add(sel.fileno())  # every fd of ours is closed in the workers
     sel.register(sock, selectors.EVENT_READ, None)

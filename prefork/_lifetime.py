@@ -17,14 +17,46 @@ frame look-ups, no traceback formatted per pool.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Final
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+#: the pools started and not yet stopped (supervisors), stopped at interpreter exit
+live_pools: weakref.WeakSet[Any] = weakref.WeakSet()
+KILL_WAIT: Final = 2.0  #: seconds a stop that a Ctrl-C turned into a kill waits for the teardown
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    """At exit, stop the pools still running, waiting for their tasks as the
+    standard library's pools do; a pool being killed gets ``KILL_WAIT`` at most.
+    A Ctrl-C while waiting kills every pool left (bounded waits), then exits."""
+    try:
+        for sup in list(live_pools):
+            try:
+                if sup._force:
+                    sup.join(KILL_WAIT)  # killed already (a second Ctrl-C): do not wait for it again
+                else:
+                    sup.shutdown(wait=True)
+            except Exception:
+                pass
+    except KeyboardInterrupt:
+        pools = list(live_pools)  # those not stopped yet
+        for sup in pools:
+            try:
+                sup.shutdown(wait=False, force=True)
+            except Exception:
+                pass
+        end = time.monotonic() + KILL_WAIT
+        for sup in pools:
+            sup.join(max(0.0, end - time.monotonic()))
 
 
 def creation_site() -> tuple[str, int]:

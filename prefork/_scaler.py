@@ -9,7 +9,9 @@ policy would do in a simulation is what it does in a running pool.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
+
+import attrs
 
 from prefork._workers import Census
 from prefork.strategies.scaling import Decision, PoolStats, ScalingPolicy
@@ -92,4 +94,23 @@ class Scaler:
         self.soon()
 
 
-__all__ = ["Scaler", "Step"]
+def evolve_policy(policy: ScalingPolicy, changes: dict[str, Any]) -> ScalingPolicy:
+    """``policy`` with some options changed (``min_spare=2``...), checked by its own
+    validators: any attrs policy, or one with ``evolve(**changes)``."""
+    evolve = getattr(policy, "evolve", None)  # optional member of ScalingPolicy
+    if evolve is not None:
+        new: ScalingPolicy = evolve(**changes)
+        return new
+    if not attrs.has(type(policy)):
+        raise TypeError(f"scaling policy {type(policy).__qualname__} cannot be changed while running "
+                        "(it is no attrs class and has no evolve(**changes))")
+    cls: Any = type(policy)  # an attrs class: checked above
+    fields = attrs.fields(cls)
+    unknown = sorted(set(changes) - {f.name for f in fields if f.init})
+    if unknown:
+        raise TypeError(f"scaling policy {getattr(policy, 'name', type(policy).__name__)!r} has no option {unknown[0]!r}")
+    evolved: ScalingPolicy = attrs.evolve(cast(Any, policy), **changes)
+    return evolved
+
+
+__all__ = ["Scaler", "Step", "evolve_policy"]

@@ -14,6 +14,7 @@ import _signal  # type: ignore[import-not-found]
 import ctypes
 import faulthandler
 import gc
+import logging
 import os
 import random
 import signal
@@ -25,7 +26,7 @@ from typing import Any, Final, NoReturn
 
 import attrs
 
-from prefork import _frames, _scoreboard
+from prefork import _frames, _logging, _scoreboard
 from prefork._call import Caller, resolve_method
 from prefork._proctitle import set_title
 from prefork._task import WorkerInfo
@@ -36,12 +37,14 @@ from prefork.strategies.transport import ChildChannel, Transport
 EXIT_OK: Final = 0
 EXIT_BOOT_FAILED: Final = 3  #: init hook or initializer raised: the pool counts it
 EXIT_INTERNAL: Final = 4  #: prefork itself failed in the worker
-EXIT_FINALIZER_FAILED: Final = 5  #: the finalizer raised (its traceback is on stderr)
-EXIT_BODY_FAILED: Final = 6  #: a self-feeding body raised (its traceback is on stderr)
+EXIT_FINALIZER_FAILED: Final = 5  #: the finalizer raised (logged, with its traceback, to prefork.worker)
+EXIT_BODY_FAILED: Final = 6  #: a self-feeding body raised (logged, with its traceback, to prefork.worker)
 
 _PR_SET_PDEATHSIG: Final = 1
 _FLUSH_AGE: Final = 0.0005  #: buffered results older than this are sent before the next task
 _FLUSH_SLOW: Final = 0.0001  #: a task slower than this sends its result at once
+
+log = logging.getLogger("prefork.worker")
 
 
 @attrs.define
@@ -289,7 +292,7 @@ def run_worker(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int)
         code = _run(ctx, info, sock, parent_pid)
     except BaseException:
         try:
-            traceback.print_exc()
+            log.exception("worker %d: prefork itself failed in the worker; it exits with code %d", os.getpid(), code)
         except BaseException:
             pass
     finally:
@@ -315,6 +318,7 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
     except OSError:
         pass
     info.pid = os.getpid()
+    _logging.set_role("worker")
     set_title(ctx.title)
     _arm_stack_dump(ctx, info)
     channel = ctx.transport.child_channel(sock)
@@ -371,8 +375,7 @@ def _run_body(ctx: WorkerContext, info: WorkerInfo, handle: WorkerHandle) -> int
         if isinstance(exc, (BrokenPipeError, ConnectionResetError)) and handle.channel_lost:
             reason = "the supervisor closed the channel"  # a yell() found it closed
         else:  # a client's reset or broken pipe is the body's failure like any other
-            print(f"prefork: the body of worker {info.pid} failed:", file=sys.stderr)
-            traceback.print_exc()
+            log.exception("the body of worker %d failed; it exits with code %d", info.pid, EXIT_BODY_FAILED)
             return EXIT_BODY_FAILED
     ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
     return leave(ctx, info, reason) or code
@@ -385,13 +388,12 @@ def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
         try:
             ctx.finalizer()
         except BaseException:
-            print(f"prefork: the finalizer of worker {info.pid} failed:", file=sys.stderr)
-            traceback.print_exc()
+            log.exception("the finalizer of worker %d failed; it exits with code %d", info.pid, EXIT_FINALIZER_FAILED)
             code = EXIT_FINALIZER_FAILED
     try:
         ctx.hook.prefork_worker_exit(worker=info, reason=reason)
     except BaseException:
-        traceback.print_exc()
+        log.exception("a prefork_worker_exit hook failed in worker %d (leaving: %s)", info.pid, reason)
     return code
 
 

@@ -1,9 +1,10 @@
-"""The ``prefork`` command: ``run``, ``check`` and ``plugins``.
+"""The ``prefork`` command.
 
     prefork run [-c prefork.toml] [--set key=value ...]
     prefork serve [-c prefork.toml] [--set key=value ...]
     prefork check [-c prefork.toml] [--set key=value ...]
     prefork plugins [-c prefork.toml]
+    prefork simulate [--policy NAME | -c prefork.toml] [--trace FILE.csv | --poisson RATE ...] [--chart out.png]
 
 Without ``-c``, ``./prefork.toml`` is read when it exists.  ``run`` imports the
 config's ``app = "module:callable"`` (the current directory is importable),
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prefork import _logging
 from prefork._proctitle import set_title
 from prefork.config import Config, load_config
 from prefork.errors import ConfigError, PluginError, PreforkError
@@ -121,6 +123,8 @@ RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _logging.configure(args.log_level, args.log_format)
+    _logging.set_role("supervisor")
     config = _load(args)
     if not config.app:
         raise ConfigError(
@@ -160,8 +164,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from prefork.mpm import serve
+    from prefork.serve import serve
 
+    _logging.configure(args.log_level, args.log_format)
     overrides = _parse_set(args.set)
     path = _config_path(args.config)
     if path is None:
@@ -171,7 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"prefork serve: note: scaling is {config.scaling.name!r}, not 'spare'", file=sys.stderr)
     sys.path.insert(0, os.getcwd())
     try:
-        return serve(config)
+        return serve(config, lambda host, port: print(f"prefork serve: listening on {host}:{port}", flush=True))
     except PreforkError as exc:
         raise ConfigError(str(exc)) from exc
 
@@ -215,7 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", help="path to a prefork.toml (default: ./prefork.toml if present)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+        if name in ("run", "serve"):
+            p.add_argument("--log-level", default="WARNING", metavar="LEVEL",
+                           help="log records at LEVEL and above: DEBUG, INFO, WARNING (default), ERROR or CRITICAL")
+            p.add_argument("--log-format", default="text", metavar="FORMAT",
+                           help="text (default) or json: one JSON object per line")
         p.set_defaults(func=func)
+    from prefork import simulate
+
+    text = "run a scaling policy on a fake clock against an arrival trace, forking nothing"
+    p = sub.add_parser("simulate", help=text, description=text)
+    simulate.add_arguments(p)
+    p.set_defaults(func=simulate.run)
     return parser
 
 

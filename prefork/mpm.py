@@ -6,7 +6,7 @@ the core's ``spare`` policy keeps idle children between ``min_spare`` and
 ``max_spare``, never more than ``max_servers``, forking 1, 2, 4 ... 32 per tick
 while short and retiring one surplus idle child per tick with SIGTERM.  There
 is no second supervisor: the caller drives the core's loop (``whip_kids`` or
-``kid_new`` in a loop, as with the seed), or ``prefork serve`` does.
+``kid_new`` in a loop, as with the seed), or ``prefork serve`` (:mod:`prefork.serve`) does.
 
 Children send data at any time with ``yell(data)`` or ``exit(code, data)``;
 each message crosses the child's own channel in length-prefixed frames, so
@@ -21,24 +21,21 @@ Module functions with the seed's names (``pf_init``, ``pf_whip_kids``,
 from __future__ import annotations
 
 import faulthandler
-import math
+import logging
 import os
 import pickle
-import selectors
 import signal
 import socket
 import struct
 import sys
 import threading
 import time
-import traceback
-from collections import deque
 from collections.abc import Callable, Mapping
-from types import FrameType
 from typing import Any, NoReturn
 
 import cloudpickle  # type: ignore[import-untyped]
 
+from prefork import _logging
 from prefork._hooks import hookimpl
 from prefork._proctitle import set_title
 from prefork._supervisor import Supervisor
@@ -47,26 +44,14 @@ from prefork._worker import STACK_SIGNAL, ForkedChild, WorkerHandle, current_wor
 from prefork.config import Config, load_facade_config
 from prefork.errors import PreforkError
 from prefork.strategies.resolver import import_object
-from prefork.strategies.scaling import OnDemandPolicy, SparePolicy
+from prefork.strategies.scaling import SparePolicy
 
-__all__ = [
-    "MPM",
-    "busy",
-    "exit",
-    "idle",
-    "pf_done",
-    "pf_init",
-    "pf_kid_busy",
-    "pf_kid_exit",
-    "pf_kid_idle",
-    "pf_kid_new",
-    "pf_kid_yell",
-    "pf_whip_kids",
-    "serve",
-    "yell",
-]
+__all__ = ["MPM", "busy", "exit", "idle", "pf_done", "pf_init", "pf_kid_busy", "pf_kid_exit", "pf_kid_idle",
+           "pf_kid_new", "pf_kid_yell", "pf_whip_kids", "yell"]  # fmt: skip
 
 _LEN = struct.Struct("<Q")
+
+log = logging.getLogger("prefork.mpm")
 
 
 # -- in the child -----------------------------------------------------------------------
@@ -150,10 +135,11 @@ class _DataHookProcess:
             code = 0
             try:
                 reset_signals()
+                _logging.set_role("data-hook")
                 set_title(f"{name} datahook")
                 _serve_data_hook(child, hook)
             except BaseException:
-                traceback.print_exc()
+                log.exception("the data-hook process %d of %s failed; child_data_hook gets no more data", os.getpid(), name)
                 code = 1
             finally:
                 sys.stdout.flush()
@@ -188,7 +174,7 @@ def _serve_data_hook(sock: socket.socket, hook: Callable[..., Any]) -> None:
         try:
             hook(pid, data, exitcode)
         except Exception:
-            traceback.print_exc()
+            log.exception("child_data_hook %r failed on data from child %d; the data-hook process goes on", hook, pid)
 
 
 class _DataForwarder:
@@ -416,15 +402,22 @@ class MPM:
             return {"workers": 0, "idle": 0, "busy": 0, "booting": 0}
         return self._sup.stats()
 
+    def spare_bounds(self) -> tuple[int, int, int] | None:
+        """``(min_spare, max_spare, max_servers)`` as the running pool keeps them; ``None``
+        before the first ``whip_kids``/``kid_new`` or with a policy other than ``spare``."""
+        if self._sup is None:
+            return None
+        pol = self._after_start or self._sup.policy
+        return (pol.min_spare, pol.max_spare, pol.max_servers) if isinstance(pol, SparePolicy) else None
+
     def set_spares(self, min_spare: int, max_spare: int) -> None:
         """Move the spare bounds while running (SIGTTIN/SIGTTOU in ``prefork serve``);
         for the ``spare`` scaling policy only."""
         if self._sup is None:
             raise RuntimeError("not started")
-        pol = self._after_start or self._sup.policy
-        if not isinstance(pol, SparePolicy):
+        if self.spare_bounds() is None:
             raise RuntimeError(f"set_spares() needs the 'spare' scaling policy; this pool's is {self.config.scaling.name!r}")
-        # while kid_new's start is on, the running policy differs from ``pol`` only in these two
+        # while kid_new's start is on, the running policy differs from spare_bounds() only in these two
         self._sup.update_policy(min_spare=min_spare, max_spare=max_spare)
         self._after_start = None
 
@@ -494,208 +487,4 @@ pf_kid_idle = idle
 pf_kid_exit = exit
 
 
-# -- prefork serve ------------------------------------------------------------------------------------
-
-
-def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float) -> None:
-    """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle.
-
-    Each connection gets ``read_timeout`` (``mpm.read_timeout``, 0: none) as its
-    socket timeout: a read or write on it that waits that long raises
-    ``TimeoutError`` (``socket.timeout``) in the handler, so a client that sends
-    nothing cannot hold this child forever.  The supervisor sends self-feeding
-    children no frames: the end of the channel means it gave up on this child (a
-    shut-down that began while it was being forked) or is gone, and it leaves."""
-    me = _me()
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        me.leaving = me.leaving or "asked to leave (SIGTERM)"
-
-    signal.signal(signal.SIGTERM, on_term)
-    listener.setblocking(False)
-    channel = me._channel
-    sel = selectors.DefaultSelector()
-    sel.register(listener, selectors.EVENT_READ)
-    sel.register(wake_r, selectors.EVENT_READ)
-    sel.register(channel.fileno(), selectors.EVENT_READ)
-    while not me.leaving:
-        for key, _ in sel.select():
-            if key.fd == wake_r:
-                os.read(wake_r, 512)
-                continue
-            if key.fd == channel.fileno():
-                try:
-                    channel.recv()
-                except OSError:
-                    pass
-                me.leaving = "the supervisor closed the channel"
-                break
-            try:
-                conn, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # another child took it
-            conn.settimeout(read_timeout or None)
-            me.busy()
-            try:
-                handler(conn, addr)
-            except TimeoutError as exc:
-                print(f"prefork serve: worker {os.getpid()}: the connection from {addr} waited longer than "
-                      f"mpm.read_timeout = {read_timeout:g} s ({exc}); closed", file=sys.stderr, flush=True)
-            except Exception:
-                print(f"prefork serve: worker {os.getpid()}: handle(conn, addr) failed for {addr}:", file=sys.stderr)
-                traceback.print_exc()
-            finally:
-                conn.close()
-            me.idle()  # leaves here when it must
-
-
-def _refuse(config: Config, key: str, value: Any, reason: str) -> NoReturn:
-    source = config.sources.get(key) or config.sources.get(key.rpartition(".")[0]) or "the configuration"
-    raise PreforkError(f"{source}: {key} = {value!r}: {reason}")
-
-
-def _check_serve_config(config: Config) -> None:
-    """Refuse what would leave ``prefork serve`` without a child to accept, or
-    silently override a setting: one line naming the source, key, value and reason."""
-    if not config.app:
-        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
-    pol = config.create("scaling")
-    always = "a server always keeps a child to accept connections (a reload or SIGTTOU would otherwise leave none)"
-    if isinstance(pol, SparePolicy):
-        if pol.min_spare < 1:
-            _refuse(config, "scaling.min_spare", pol.min_spare, f"prefork serve needs at least 1: {always}")
-        if pol.start_servers < 1:
-            _refuse(config, "scaling.start_servers", pol.start_servers, "prefork serve needs at least 1: "
-                    "the spare policy forks nothing after a start with none")
-    elif isinstance(pol, OnDemandPolicy) and pol.pre_fork < 1:
-        _refuse(config, "scaling.pre_fork", pol.pre_fork, f"prefork serve needs at least 1: {always}; "
-                "its children take no queued tasks, so on-demand never forks more")
-    for names, handler in config.mpm.child_sigh.items():
-        if any(name.removeprefix("SIG") == "TERM" for name in str(names).split()):
-            _refuse(config, f"mpm.child_sigh.{names}", handler, "prefork serve's children handle SIGTERM themselves "
-                    "(finish the connection, then leave); set a handler for another signal")
-
-
-#: what prefork serve does on each signal
-_STOP = (signal.SIGINT, signal.SIGTERM)
-#: seconds between two prints of the same note ("SIGTTOU changed nothing...")
-_NOTE_EVERY = 5.0
-_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, *_STOP)
-
-
-class _SignalDesk:
-    """``prefork serve``'s signals: the handlers only record them (and the loop's wake
-    pipe, as ``signal.set_wakeup_fd``, wakes its ``select``); the loop acts on each
-    one, in order, between two passes.  A burst of SIGHUPs is one reload under way
-    plus at most one more, started once the first one's new children are up."""
-
-    def __init__(self, mpm: MPM) -> None:
-        self.mpm = mpm
-        self.pending: deque[int] = deque()  # appended by the handlers; popleft() is atomic
-        self.stop = False
-        self.reload_wanted = False
-        self._reload_spawned = -1  # spawned_total when the reload under way began (-1: none)
-        self._said: dict[str, float] = {}  # note -> when it was last printed
-
-    def record(self, signum: int, frame: FrameType | None) -> None:
-        self.pending.append(signum)  # all a handler does: no lock, no I/O
-
-    def _reloading(self, sup: Supervisor) -> bool:
-        """A reload is under way until a new child was forked and none is booting."""
-        if self._reload_spawned < 0:
-            return False
-        stats = sup.stats()
-        if stats["spawned_total"] == self._reload_spawned or stats["booting"]:
-            return True
-        self._reload_spawned = -1
-        return False
-
-    def handle(self, sup: Supervisor) -> None:
-        notes: set[str] = set()
-        while self.pending and not self.stop:
-            signum = self.pending.popleft()
-            if signum in _STOP:
-                self.stop = True
-            elif signum == signal.SIGHUP:
-                self.reload_wanted = True
-            else:
-                self._move_spares(sup, 1 if signum == signal.SIGTTIN else -1, notes)
-        if self.reload_wanted and not self.stop and not self._reloading(sup):
-            self.reload_wanted = False
-            self._reload_spawned = sup.stats()["spawned_total"]
-            self.mpm.reload()
-        now = time.monotonic()
-        for note in sorted(notes):  # once in a while, not once per signal of a storm
-            if now - self._said.get(note, -math.inf) >= _NOTE_EVERY:
-                self._said[note] = now
-                print(f"prefork serve: {note}", file=sys.stderr, flush=True)
-
-    def _move_spares(self, sup: Supervisor, step: int, notes: set[str]) -> None:
-        name = "SIGTTIN" if step > 0 else "SIGTTOU"
-        pol = self.mpm._after_start or sup.policy
-        if not isinstance(pol, SparePolicy):
-            notes.add(f"{name} ignored: scaling is {self.mpm.config.scaling.name!r}; only 'spare' has spare bounds")
-            return
-        low = min(max(1, pol.min_spare + step), pol.max_servers)
-        high = min(max(low, pol.max_spare + step), pol.max_servers)
-        if (low, high) == (pol.min_spare, pol.max_spare):
-            bound = f"the least a server keeps is 1 (min_spare = {low})" if step < 0 else f"max_servers = {pol.max_servers}"
-            notes.add(f"{name} changed nothing: {bound}")
-            return
-        self.mpm.set_spares(low, high)
-
-
-def serve(config: Config) -> int:
-    """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
-    ``app`` as ``handle(conn, addr)``.  SIGHUP: new children, old ones finish and
-    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop.
-    Returns 0 once stopped by a signal, 1 if children cannot boot."""
-    _check_serve_config(config)
-    try:
-        handler = import_object(config.app)
-    except (ImportError, AttributeError, ValueError) as exc:
-        _refuse(config, "app", config.app, f"cannot import it: {exc}")
-    if not callable(handler):
-        _refuse(config, "app", config.app, f"{type(handler).__name__} is not callable; prefork serve calls handle(conn, addr)")
-    host, _, port = config.mpm.bind.rpartition(":")
-    listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
-    mpm = MPM.from_config(config)
-    desk = _SignalDesk(mpm)
-    set_title(f"{config.name} supervisor")
-    # handlers first: a signal during the start is recorded, never the default action
-    old = {sig: signal.signal(sig, desk.record) for sig in _SIGNALS}
-    wake = -1
-    old_wake = -1
-    code = 0
-    try:
-        print(f"prefork serve: listening on {listener.getsockname()[0]}:{listener.getsockname()[1]}", flush=True)
-        sup = mpm._start(_serve_body, (listener, handler, config.mpm.read_timeout))
-        # A signal's C handler writes its number to the loop's wake pipe, so select()
-        # returns at once.  Through a copy of the pipe's end that this function owns:
-        # it stays valid until the wakeup fd is put back, whatever the supervisor closes.
-        wake = os.dup(sup.wakeup_fd)
-        sup.ctx.internal_fds.add(wake)
-        old_wake = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
-        while True:
-            desk.handle(sup)
-            if desk.stop:
-                break
-            if sup.broken is not None:
-                print(f"prefork serve: {sup.broken}", file=sys.stderr, flush=True)
-                code = 1
-                break
-            sup.step(1.0)
-    finally:
-        if wake >= 0:
-            signal.set_wakeup_fd(old_wake)
-            os.close(wake)
-        try:
-            mpm.done()  # the handlers still only record: a second SIGTERM cannot cut the shut-down short
-        finally:
-            listener.close()
-            for sig, previous in old.items():
-                signal.signal(sig, previous)
-    return code
+# -- until prefork.cli imports prefork.serve.serve (and prints the address itself) --------------------

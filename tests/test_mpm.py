@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -707,6 +708,9 @@ def test_a_reset_or_broken_pipe_in_a_body_is_logged_and_fails_the_child(
     exits = Exits()
     m.config.plugin_manager.register(exits)
     client = None
+    # the child's record, through a handler it inherits, to its stderr (which capfd reads)
+    to_stderr = logging.StreamHandler(sys.stderr)
+    logging.getLogger("prefork.worker").addHandler(to_stderr)
     try:
         with Driver(m, body, (sock,)):
             if body is reset_by_the_client:
@@ -719,12 +723,13 @@ def test_a_reset_or_broken_pipe_in_a_body_is_logged_and_fails_the_child(
                 client.close()  # an RST
             wait_until(lambda: exits.items, what="the child's exit")
     finally:
+        logging.getLogger("prefork.worker").removeHandler(to_stderr)
         sock.close()
     pid, status, reason = exits.items[0]
     assert status is not None and os.waitstatus_to_exitcode(status) == 6, (status, reason)  # EXIT_BODY_FAILED
     assert reason != "the supervisor closed the channel"
     err = capfd.readouterr().err
-    assert f"prefork: the body of worker {pid} failed:" in err
+    assert f"the body of worker {pid} failed; it exits with code 6" in err
     assert f"{error}: " in err  # with its traceback
 
 

@@ -90,7 +90,7 @@ def test_json_serializer_gets_bytes_for_large_payloads() -> None:
 @pytest.mark.parametrize("max_frame", [0, 100_000])
 def test_calls_frames_are_split_by_size_and_respect_max_frame(monkeypatch: pytest.MonkeyPatch, max_frame: int) -> None:
     from prefork import _frames
-    from prefork._supervisor import FRAME_BYTES
+    from prefork._dispatch import FRAME_BYTES
 
     frames: list[int] = []
     send_pieces = _frames.send_pieces

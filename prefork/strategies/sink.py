@@ -19,7 +19,7 @@ from prefork._future import LightFuture
 from prefork._hooks import hookimpl
 from prefork._task import Task
 
-log = logging.getLogger("prefork")
+log = logging.getLogger("prefork.sink")
 
 
 @runtime_checkable

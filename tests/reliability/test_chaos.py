@@ -167,7 +167,10 @@ def test_random_kills_among_no_op_tasks_fail_at_most_one_task_per_kill(tmp_path:
         failed = [f for f in futures if f.exception() is not None]
         for f in failed:
             exc = f.exception()
-            assert isinstance(exc, prefork.WorkerLost) and exc.started, repr(exc)
+            # one that never started fails only when its workers died MAX_REDISPATCH + 1 times under it
+            # (a storm on a loaded machine can do that: then 4 kills account for it)
+            assert isinstance(exc, prefork.WorkerLost), repr(exc)
+            assert exc.started or "died 4 times before it could start" in str(exc), repr(exc)
         assert len(failed) <= kills, f"{len(failed)} tasks failed for {kills} kills"
         assert ex.submit(abs, -1).result(timeout=10) == 1
     ran = [int(x) for x in Path(ledger).read_text().split()]

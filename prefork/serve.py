@@ -1,0 +1,261 @@
+"""``prefork serve``: a preforking TCP server, the MPM facade driven by a loop of its own.
+
+::
+
+    serve(config)                                            children (the spare policy keeps
+    ─────────────                                            min_spare..max_spare idle ones)
+    bind mpm.bind ── listener, inherited by every child ──►  _serve_body: select(listener, channel)
+    MPM.from_config(config), children run _serve_body         accept ─► busy() ─► app(conn, addr)
+    loop:                                                      ─► idle() (leaves here when asked)
+      _SignalDesk.handle: the signals since the last pass,
+        in order (SIGHUP reload, SIGTTIN/SIGTTOU spares,
+        SIGINT/SIGTERM stop)
+      Supervisor.step(1 s), woken at once by a signal
+
+Log records go to ``prefork.serve``: the address it listens on (INFO), a
+connection cut off by ``mpm.read_timeout`` (WARNING), an app that raised
+(ERROR, with its traceback), a signal that changed nothing (WARNING), children
+that cannot boot (ERROR).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, NoReturn
+
+from prefork import _logging
+from prefork._proctitle import set_title
+from prefork._supervisor import Supervisor
+from prefork._worker import current_worker
+from prefork.config import Config
+from prefork.errors import PreforkError
+from prefork.mpm import MPM
+from prefork.strategies.resolver import import_object
+from prefork.strategies.scaling import OnDemandPolicy, SparePolicy
+
+__all__ = ["serve"]
+
+log = logging.getLogger("prefork.serve")
+
+
+def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float) -> None:
+    """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle.
+
+    Each connection gets ``read_timeout`` (``mpm.read_timeout``, 0: none) as its
+    socket timeout: a read or write on it that waits that long raises
+    ``TimeoutError`` (``socket.timeout``) in the handler, so a client that sends
+    nothing cannot hold this child forever.  The supervisor sends self-feeding
+    children no frames: the end of the channel means it gave up on this child (a
+    shut-down that began while it was being forked) or is gone, and it leaves."""
+    me = current_worker()
+    if me is None:
+        raise RuntimeError("_serve_body runs in a child of prefork serve")
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        me.leaving = me.leaving or "asked to leave (SIGTERM)"
+
+    signal.signal(signal.SIGTERM, on_term)
+    listener.setblocking(False)
+    channel = me._channel
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(wake_r, selectors.EVENT_READ)
+    sel.register(channel.fileno(), selectors.EVENT_READ)
+    while not me.leaving:
+        for key, _ in sel.select():
+            if key.fd == wake_r:
+                os.read(wake_r, 512)
+                continue
+            if key.fd == channel.fileno():
+                try:
+                    channel.recv()
+                except OSError:
+                    pass
+                me.leaving = "the supervisor closed the channel"
+                break
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another child took it
+            conn.settimeout(read_timeout or None)
+            me.busy()
+            try:
+                handler(conn, addr)
+            except TimeoutError as exc:
+                log.warning("worker %d: the connection from %s waited longer than mpm.read_timeout = %g s (%s); closed",
+                            os.getpid(), addr, read_timeout, exc)
+            except Exception:
+                log.exception("worker %d: the app failed on the connection from %s; closed", os.getpid(), addr)
+            finally:
+                conn.close()
+            me.idle()  # leaves here when it must
+
+
+def _refuse(config: Config, key: str, value: Any, reason: str) -> NoReturn:
+    source = config.sources.get(key) or config.sources.get(key.rpartition(".")[0]) or "the configuration"
+    raise PreforkError(f"{source}: {key} = {value!r}: {reason}")
+
+
+def _check_serve_config(config: Config) -> None:
+    """Refuse what would leave ``prefork serve`` without a child to accept, or
+    silently override a setting: one line naming the source, key, value and reason."""
+    if not config.app:
+        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
+    pol = config.create("scaling")
+    always = "a server always keeps a child to accept connections (a reload or SIGTTOU would otherwise leave none)"
+    if isinstance(pol, SparePolicy):
+        if pol.min_spare < 1:
+            _refuse(config, "scaling.min_spare", pol.min_spare, f"prefork serve needs at least 1: {always}")
+        if pol.start_servers < 1:
+            _refuse(config, "scaling.start_servers", pol.start_servers, "prefork serve needs at least 1: "
+                    "the spare policy forks nothing after a start with none")
+    elif isinstance(pol, OnDemandPolicy) and pol.pre_fork < 1:
+        _refuse(config, "scaling.pre_fork", pol.pre_fork, f"prefork serve needs at least 1: {always}; "
+                "its children take no queued tasks, so on-demand never forks more")
+    for names, handler in config.mpm.child_sigh.items():
+        if any(name.removeprefix("SIG") == "TERM" for name in str(names).split()):
+            _refuse(config, f"mpm.child_sigh.{names}", handler, "prefork serve's children handle SIGTERM themselves "
+                    "(finish the connection, then leave); set a handler for another signal")
+
+
+#: what prefork serve does on each signal
+_STOP = (signal.SIGINT, signal.SIGTERM)
+#: seconds between two logs of the same note ("SIGTTOU changed nothing...")
+_NOTE_EVERY = 5.0
+_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, *_STOP)
+
+
+class _SignalDesk:
+    """``prefork serve``'s signals: the handlers only record them (and the loop's wake
+    pipe, as ``signal.set_wakeup_fd``, wakes its ``select``); the loop acts on each
+    one, in order, between two passes.  A burst of SIGHUPs is one reload under way
+    plus at most one more, started once the first one's new children are up."""
+
+    def __init__(self, mpm: MPM) -> None:
+        self.mpm = mpm
+        self.pending: deque[int] = deque()  # appended by the handlers; popleft() is atomic
+        self.stop = False
+        self.reload_wanted = False
+        self._reload_spawned = -1  # spawned_total when the reload under way began (-1: none)
+        self._said: dict[str, float] = {}  # note -> when it was last logged
+
+    def record(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)  # all a handler does: no lock, no I/O
+
+    def _reloading(self, sup: Supervisor) -> bool:
+        """A reload is under way until a new child was forked and none is booting."""
+        if self._reload_spawned < 0:
+            return False
+        stats = sup.stats()
+        if stats["spawned_total"] == self._reload_spawned or stats["booting"]:
+            return True
+        self._reload_spawned = -1
+        return False
+
+    def handle(self, sup: Supervisor) -> None:
+        notes: set[str] = set()
+        while self.pending and not self.stop:
+            signum = self.pending.popleft()
+            if signum in _STOP:
+                self.stop = True
+            elif signum == signal.SIGHUP:
+                self.reload_wanted = True
+            else:
+                self._move_spares(1 if signum == signal.SIGTTIN else -1, notes)
+        if self.reload_wanted and not self.stop and not self._reloading(sup):
+            self.reload_wanted = False
+            self._reload_spawned = sup.stats()["spawned_total"]
+            self.mpm.reload()
+        now = time.monotonic()
+        for note in sorted(notes):  # once in a while, not once per signal of a storm
+            if now - self._said.get(note, -math.inf) >= _NOTE_EVERY:
+                self._said[note] = now
+                log.warning("%s", note)
+
+    def _move_spares(self, step: int, notes: set[str]) -> None:
+        name = "SIGTTIN" if step > 0 else "SIGTTOU"
+        bounds = self.mpm.spare_bounds()
+        if bounds is None:
+            notes.add(f"{name} ignored: scaling is {self.mpm.config.scaling.name!r}; only 'spare' has spare bounds")
+            return
+        min_spare, max_spare, max_servers = bounds
+        low = min(max(1, min_spare + step), max_servers)
+        high = min(max(low, max_spare + step), max_servers)
+        if (low, high) == (min_spare, max_spare):
+            bound = f"the least a server keeps is 1 (min_spare = {low})" if step < 0 else f"max_servers = {max_servers}"
+            notes.add(f"{name} changed nothing: {bound}")
+            return
+        self.mpm.set_spares(low, high)
+
+
+def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> int:
+    """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
+    ``app`` as ``handle(conn, addr)``.  SIGHUP: new children, old ones finish and
+    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop.
+
+    ``ready(host, port)`` is called once the socket is bound, before any child is
+    forked (``prefork serve`` prints the address there).  Returns 0 once stopped
+    by a signal, 1 if children cannot boot; a bad setting raises
+    :class:`~prefork.errors.PreforkError` in one line, before anything is bound."""
+    _check_serve_config(config)
+    try:
+        handler = import_object(config.app)
+    except (ImportError, AttributeError, ValueError) as exc:
+        _refuse(config, "app", config.app, f"cannot import it: {exc}")
+    if not callable(handler):
+        _refuse(config, "app", config.app, f"{type(handler).__name__} is not callable; prefork serve calls handle(conn, addr)")
+    host, _, port = config.mpm.bind.rpartition(":")
+    listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    mpm = MPM.from_config(config)
+    desk = _SignalDesk(mpm)
+    _logging.set_role("supervisor")
+    set_title(f"{config.name} supervisor")
+    # handlers first: a signal during the start is recorded, never the default action
+    old = {sig: signal.signal(sig, desk.record) for sig in _SIGNALS}
+    wake = -1
+    old_wake = -1
+    code = 0
+    try:
+        bound_host, bound_port = listener.getsockname()[:2]
+        log.info("listening on %s:%d (app %s)", bound_host, bound_port, config.app)
+        if ready is not None:
+            ready(bound_host, bound_port)
+        sup = mpm._start(_serve_body, (listener, handler, config.mpm.read_timeout))
+        # A signal's C handler writes its number to the loop's wake pipe, so select()
+        # returns at once.  Through a copy of the pipe's end that this function owns:
+        # it stays valid until the wakeup fd is put back, whatever the supervisor closes.
+        wake = os.dup(sup.wakeup_fd)
+        sup.ctx.internal_fds.add(wake)
+        old_wake = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+        while True:
+            desk.handle(sup)
+            if desk.stop:
+                break
+            if sup.broken is not None:
+                log.error("stopping: %s", sup.broken)
+                code = 1
+                break
+            sup.step(1.0)
+    finally:
+        if wake >= 0:
+            signal.set_wakeup_fd(old_wake)
+            os.close(wake)
+        try:
+            mpm.done()  # the handlers still only record: a second SIGTERM cannot cut the shut-down short
+        finally:
+            listener.close()
+            for sig, previous in old.items():
+                signal.signal(sig, previous)
+    return code
