@@ -11,6 +11,7 @@ from typing import Any
 from prefork import _frames
 from prefork._task import WorkerInfo
 from prefork.errors import MethodNotFound, RemoteTaskError, error_text
+from prefork.strategies import optional
 from prefork.strategies.resolver import MethodResolver, is_private
 from prefork.strategies.serializer import Serializer
 
@@ -42,7 +43,7 @@ def encode_error(serializer: Serializer, exc: BaseException, tb_text: str) -> by
 def buffer_loads(serializer: Serializer) -> Callable[[Any], Any]:
     """``serializer.loads`` for payloads that may be views (memoryview, bytearray):
     passed as they are when the serializer says it ``takes_buffers``, else as bytes."""
-    if getattr(serializer, "takes_buffers", False):
+    if optional.takes_buffers(serializer):
         return serializer.loads
     loads = serializer.loads
     return lambda data: loads(data if type(data) is bytes else bytes(data))
@@ -169,8 +170,8 @@ def resolve_method(resolver: MethodResolver, method: Any, cache: dict[str, Calla
 
 def dump_parts(serializer: Serializer) -> Callable[[Any], list[Any]]:
     """``serializer.dumps_parts`` when it has one, else ``dumps`` as one part."""
-    parts = getattr(serializer, "dumps_parts", None)
+    parts = optional.dumps_parts(serializer)
     if parts is not None:
-        return parts  # type: ignore[no-any-return]
+        return parts
     dumps = serializer.dumps
     return lambda obj: [dumps(obj)]

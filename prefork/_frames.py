@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from prefork.strategies import optional
+
 CALLS: Final = 1
 STOP: Final = 2
 READY: Final = 10
@@ -70,7 +72,7 @@ def coalesce(pieces: list[Buffer]) -> list[Buffer]:
 def send_pieces(channel: object, pieces: list[Buffer]) -> None:
     """Send one frame made of ``pieces`` through ``channel``: as parts when it takes
     parts and a piece is large, else joined."""
-    send_parts = getattr(channel, "send_parts", None)
+    send_parts = optional.send_parts(channel)
     if send_parts is not None and any(len(p) >= BIG_PAYLOAD for p in pieces):
         send_parts(coalesce(pieces))
     else:

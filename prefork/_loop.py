@@ -30,6 +30,7 @@ from prefork._worker import STACK_SIGNAL, read_stack
 from prefork._worker_io import WorkerIO, log
 from prefork._workers import BOOTING, READY, RETIRING, Worker
 from prefork.errors import PoolBroken, PoolShutDown, TaskTimeout
+from prefork.strategies import optional
 
 STACK_WAIT: Final = 0.25  #: seconds a timed-out worker gets to dump its stack before the kill
 _DRAIN_READS: Final = 1024  #: reads of a dead worker's channel at most (a live grandchild may keep writing)
@@ -383,7 +384,7 @@ class PoolLoop(WorkerIO):
                 pass
         self._spawner_fds = set()
         self._fail_everything(PoolShutDown("the pool was shut down"))
-        close = getattr(self.sink, "close", None)  # optional: once, after the last outcome was delivered
+        close = optional.sink_close(self.sink)  # once, after the last outcome was delivered
         try:
             if close is not None:
                 close()

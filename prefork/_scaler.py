@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, cast
 import attrs
 
 from prefork._workers import Census
+from prefork.strategies import optional
 from prefork.strategies.scaling import Decision, PoolStats, ScalingPolicy
 
 
@@ -97,7 +98,7 @@ class Scaler:
 def evolve_policy(policy: ScalingPolicy, changes: dict[str, Any]) -> ScalingPolicy:
     """``policy`` with some options changed (``min_spare=2``...), checked by its own
     validators: any attrs policy, or one with ``evolve(**changes)``."""
-    evolve = getattr(policy, "evolve", None)  # optional member of ScalingPolicy
+    evolve = optional.evolve(policy)
     if evolve is not None:
         new: ScalingPolicy = evolve(**changes)
         return new

@@ -55,6 +55,7 @@ from prefork._worker_io import log
 from prefork._workers import RETIRING, Worker, WorkerTable
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError
 from prefork.plugins import pool_plugin_manager
+from prefork.strategies import optional
 from prefork.strategies.resolver import MethodResolver, import_object
 from prefork.strategies.scaling import ScalingPolicy
 from prefork.strategies.serializer import Serializer
@@ -118,7 +119,10 @@ class Supervisor(PoolLoop):
         #: most workers at once, whatever the policy becomes at run time (the scoreboard's size)
         self.worker_limit = max(self.max_workers, WORKER_LIMIT) if self.max_workers else 0
         self._scaler.max_workers = self.worker_limit
-        self.max_frame: int = getattr(self.transport, "max_frame", 0) or 0
+        for kind in ("scaling", "transport", "serializer", "resolver", "sink"):
+            strategy = self.policy if kind == "scaling" else getattr(self, "resolver" if kind == "resolver" else kind)
+            optional.check(kind, strategy, repr(getattr(strategy, "name", type(strategy).__qualname__)))
+        self.max_frame = optional.max_frame(self.transport)
         self._call_limit = _frames.MAX_PAYLOAD
         if self.max_frame:
             # a CALLS frame with one call: its kind byte, the call's header, the payload
@@ -197,7 +201,7 @@ class Supervisor(PoolLoop):
         self._spawner_fds: set[int] = set()
         self._started = False
         self._cancels: deque[Task] = deque()  # running tasks to stop (KillableFuture.cancel)
-        self.one_at_a_time = bool(getattr(self.sink, "cancel_running", False))
+        self.one_at_a_time = optional.cancels_running(self.sink)
         if self.one_at_a_time:
             self.sink.killer = self.cancel_running
 
@@ -416,7 +420,7 @@ class Supervisor(PoolLoop):
         ``fixed`` changes ``workers``, ``on-demand`` ``pre_fork``, ``spare`` both spare
         bounds.  Capped by the pool's size; returns the new policy."""
         policy: Any = self.policy
-        resized = getattr(policy, "resized", None)  # optional member of ScalingPolicy
+        resized = optional.resized(policy)
         if resized is None:
             raise TypeError(f"scaling policy {getattr(policy, 'name', type(policy).__qualname__)!r} cannot be resized "
                             "(it has no resized(delta) method)")

@@ -14,6 +14,7 @@ from typing import Any, Final
 import attrs
 
 from prefork.errors import ConfigError, OptionError, PluginError
+from prefork.strategies import optional
 
 #: The five kinds of strategy, in the order the docs list them.
 KINDS: Final = ("scaling", "transport", "serializer", "resolver", "sink")
@@ -76,6 +77,7 @@ class StrategyRegistry:
                 + ", ".join(f"`{m}`" for m in missing)
                 + f": a {kind} strategy needs {', '.join(f'`{m}`' for m in REQUIRED[kind])} (see docs/plugins.md)"
             )
+        optional.check(kind, cls, f"{key_name!r} (plugin {self._current_plugin!r})")
         old = self._entries.get((kind, key_name))
         if old is not None:
             raise PluginError(
