@@ -14,6 +14,7 @@ from prefork.config import Config, load_config
 from prefork.errors import (
     ConfigError,
     MethodNotFound,
+    MissingExtra,
     PluginError,
     PoolBroken,
     PoolShutDown,
@@ -53,6 +54,7 @@ __all__ = [
     "Executor",
     "MethodNotFound",
     "MethodResolver",
+    "MissingExtra",
     "Outcome",
     "PluginError",
     "PoolBroken",

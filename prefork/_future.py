@@ -97,6 +97,19 @@ class LightFuture(Future[Any]):
         if exception is None or not self._settle(None, exception):
             super().set_exception(exception)
 
+    def add_done_callback(self, fn: Any) -> None:
+        """Without a condition yet and not done: listed under the module lock, which the
+        outcome is set under too; so the setter runs it, or it sees the outcome and
+        the standard path runs it at once."""
+        if self._cond is None:
+            with _MAKE:
+                if self._cond is None and self._state not in _OVER:
+                    if self._callback_list is None:
+                        self._callback_list = []
+                    self._callback_list.append(fn)
+                    return
+        super().add_done_callback(fn)
+
     def set_running_or_notify_cancel(self) -> bool:
         if self._cond is None:
             with _MAKE:

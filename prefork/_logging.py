@@ -10,6 +10,9 @@ Each part of prefork logs under its own name, in the process where it runs::
     prefork.serve        ``prefork serve``: address, signals, connections supervisor, worker
     prefork.dispatcher   the Dispatcher and its XML-RPC front            supervisor
     prefork.progress     a progress bar that failed                      supervisor
+    prefork.control      the control socket: actions asked, refusals      supervisor
+    prefork.metrics      the Prometheus endpoint                          supervisor
+    prefork.status_page  the status page                                  supervisor
 
 :func:`configure` (``prefork run/serve --log-level LEVEL --log-format json``)
 puts one handler on the root logger, so the application's own loggers come out

@@ -24,6 +24,7 @@ from typing import Any, Final
 
 from prefork import _frames, _scoreboard
 from prefork._lifetime import live_pools
+from prefork._operate import Endpoints
 from prefork._spawn import Event, ForkServer, Spawned, SpawnFailed
 from prefork._task import Task, WorkerInfo
 from prefork._worker import STACK_SIGNAL, read_stack
@@ -44,6 +45,8 @@ class PoolLoop(WorkerIO):
     _sleeping: bool
     _spawner_fds: set[int]
     _cancels: deque[Task]
+    _reloads: deque[str]
+    endpoints: Endpoints
     _serials: Any
     _states: tuple[int, ...]
     _done_event: threading.Event
@@ -81,6 +84,8 @@ class PoolLoop(WorkerIO):
             key.data(key.fd, mask)
         if self._cancels:
             self._do_cancels()
+        while self._reloads:
+            self._retire_every_worker(self._reloads.popleft())
         for event in self.spawner.take_ready():
             self._on_spawner_event(event)
         if self._inline is not None:
@@ -215,6 +220,12 @@ class PoolLoop(WorkerIO):
             while not w.eof and w.channel is not None and self._read_channel(w) and reads < _DRAIN_READS:
                 reads += 1
             self._judge(w)
+
+    def _retire_every_worker(self, reason: str) -> None:
+        for w in self.table.all():
+            if w.state != RETIRING:
+                self._retire(w, reason, "reload")
+        self._scaler.soon()
 
     def _do_cancels(self) -> None:
         while self._cancels:
@@ -390,6 +401,7 @@ class PoolLoop(WorkerIO):
                 close()
         except BaseException:
             log.exception("result sink %r failed to close", self.sink)
+        self.endpoints.close()
         live_pools.discard(self)
         self._close_fds()
         self._done_event.set()

@@ -46,13 +46,14 @@ from prefork._dispatch import encode_call
 from prefork._ledger import Ledger
 from prefork._lifetime import KILL_WAIT, live_pools
 from prefork._loop import PoolLoop
+from prefork._operate import Endpoints
 from prefork._scaler import Scaler, evolve_policy
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._status import Tally, snapshot
 from prefork._task import Task, WorkerInfo
 from prefork._worker import WorkerContext
 from prefork._worker_io import log
-from prefork._workers import RETIRING, Worker, WorkerTable
+from prefork._workers import Worker, WorkerTable
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies import optional
@@ -167,7 +168,7 @@ class Supervisor(PoolLoop):
         )
         #: the bookkeeping of tasks (queue, in flight by worker, deadlines, what a death means)
         self.ledger = Ledger(max_crash_retries=pool.max_crash_retries)
-        self.tally = Tally()  #: totals for status and metrics
+        self.tally = Tally(timing=bool(config.control.metrics_port))  #: totals for status and metrics
         self._submitted = 0
         self.queue = self.ledger.queue  # the same objects, for the hot paths
         self._tasks = self.ledger.in_flight
@@ -200,6 +201,8 @@ class Supervisor(PoolLoop):
             self.spawner.stop_grace = self.boot_timeout
         self._spawner_fds: set[int] = set()
         self._started = False
+        self.endpoints = Endpoints(self)  #: [control]: control socket, metrics, status page
+        self._reloads: deque[str] = deque()  # retire_all() asked it, for the loop to do
         self._cancels: deque[Task] = deque()  # running tasks to stop (KillableFuture.cancel)
         self.one_at_a_time = optional.cancels_running(self.sink)
         if self.one_at_a_time:
@@ -210,6 +213,7 @@ class Supervisor(PoolLoop):
             return
         self._started = True
         try:
+            self.endpoints.claim()  # a pool name in use fails here, before any fork
             self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
             if self.max_workers == 0:
                 self._inline = Caller(
@@ -225,6 +229,7 @@ class Supervisor(PoolLoop):
                 self._sync_spawner_fds()
                 for event in self.spawner.take_ready():  # a worker forked here: watch its channel now
                     self._on_spawner_event(event)
+            self.endpoints.start()
         except BaseException:  # a strategy or hook raised while starting: leave nothing behind
             self._teardown()
             raise
@@ -476,11 +481,9 @@ class Supervisor(PoolLoop):
         return self.table.pids()
 
     def retire_all(self, reason: str) -> None:
-        """Ask every worker to leave once idle; the policy forks their replacements."""
-        for w in self.table.all():
-            if w.state != RETIRING:
-                self._retire(w, reason, "reload")
-        self._scaler.soon()
+        """Ask every worker to leave once idle; the policy forks their replacements.
+        Safe from any thread (and a signal handler): the loop does it at its next pass."""
+        self._reloads.append(reason)  # atomic: never waits for a lock a signal handler may have interrupted
         self._wake()
 
     def stats(self) -> dict[str, int]:

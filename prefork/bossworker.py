@@ -16,10 +16,13 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any
 
+from prefork import _progress
+from prefork._progress import Progress, ProgressArg
 from prefork._supervisor import Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
@@ -33,13 +36,13 @@ __all__ = ["BossWorker", "QueueFull"]
 class _BossSink(QueueSink):
     """The core's queue sink, telling the boss when a job finished (room for more)."""
 
-    def __init__(self, finished: Callable[[], None]) -> None:
+    def __init__(self, finished: Callable[[bool, Any], None]) -> None:
         super().__init__()
         self._finished = finished
 
     def deliver(self, task: Task, ok: bool, value: Any) -> None:
         super().deliver(task, ok, value)
-        self._finished()
+        self._finished(ok, value)
 
 
 def error_result(exc: BaseException) -> dict[str, str]:
@@ -72,7 +75,13 @@ class BossWorker:
     :param with_ids: ``add_work`` returns job ids and ``get_result`` returns ``(id, result)``.
     :param max_pending: most jobs added and not yet finished; at the bound
         ``add_work`` blocks, or raises :class:`QueueFull` with ``when_full="raise"``.
+    :param progress: a bar of the jobs finished (with an error too; not those
+        cancelled by ``shut_down(force=True)``) out of the jobs added so far,
+        closed by ``shut_down()``: ``True`` (when stderr is a terminal),
+        ``"force"``, a bar or a bar factory; see ``docs/progress.md``.
     """
+
+    _bar: Progress | None = None  # the boss's bar (progress=); None: no bar, nothing counted
 
     def __init__(
         self,
@@ -93,6 +102,8 @@ class BossWorker:
         transport: Any = None,
         serializer: Any = None,
         resolver: Any = None,
+        progress: ProgressArg = False,
+        control: bool = False,
     ) -> None:
         if worker_count is not None and scaling is not None:
             raise TypeError("BossWorker: give worker_count or scaling=, not both")
@@ -110,19 +121,21 @@ class BossWorker:
             "pool.initializer": init_handler,
             "pool.finalizer": exit_handler,
             "pool.task_timeout": global_timeout,
+            "control.enabled": True if control else None,
         }
         if worker_count is not None:
             settings.update({"scaling.name": "fixed", "scaling.workers": worker_count})
-        self._setup(load_facade_config("boss-worker", config, overrides, settings))
+        progress_spec = _progress.check(progress, "BossWorker")
+        self._setup(load_facade_config("boss-worker", config, overrides, settings), progress_spec)
 
     @classmethod
-    def from_config(cls, config: Config) -> BossWorker:
+    def from_config(cls, config: Config, *, progress: ProgressArg = False) -> BossWorker:
         """A boss built from an already loaded :class:`Config` (as ``prefork run`` does)."""
         self = cls.__new__(cls)
-        self._setup(config)
+        self._setup(config, _progress.check(progress, "BossWorker"))
         return self
 
-    def _setup(self, config: Config) -> None:
+    def _setup(self, config: Config, progress: _progress.Spec | None) -> None:
         opts = config.boss_worker
         if not opts.work_handler:
             raise ConfigError("boss_worker.work_handler is empty: give work_handler= or set it in prefork.toml")
@@ -143,10 +156,20 @@ class BossWorker:
         self._closed = False
         config.require("sink", "queue", by="a BossWorker (results come back through get_result)")
         self._sink = _BossSink(self._finished)
-        self._sup = Supervisor(config, sink=self._sink)
-        self._sup.start()
+        self._bar = progress.start(0, grows=True, unit="job") if progress is not None else None
+        try:
+            self._sup = Supervisor(config, sink=self._sink)
+            self._sup.start()
+        except BaseException:
+            if self._bar is not None:
+                self._bar.close()
+            raise
+        if self._bar is not None:
+            weakref.finalize(self, self._bar.close)  # a boss dropped without shut_down()
 
-    def _finished(self) -> None:
+    def _finished(self, ok: bool, value: Any) -> None:
+        if self._bar is not None and (ok or not isinstance(value, CancelledError)):
+            self._bar.done()
         with self._room:
             self._outstanding -= 1
             self._room.notify_all()
@@ -168,11 +191,18 @@ class BossWorker:
                         raise PoolShutDown("add_work() after shut_down()")
                 self._outstanding += 1
                 self._pending += 1
+                if self._bar is not None:
+                    self._bar.post()  # before: a job that cannot be serialized finishes in submit()
                 task_id: int = self._sup.submit(self._work, (job,))
                 if self._ordered:
                     self._order.append(task_id)
             ids.append(task_id)
         return ids
+
+    def status(self) -> dict[str, Any]:
+        """The pool's status as JSON data: every worker (state, job, run time, memory) and the
+        totals (docs/operations.md); from any thread."""
+        return self._sup.status()
 
     def pending(self) -> int:
         """Jobs added whose results have not been retrieved yet (0 when none: false)."""
@@ -225,7 +255,11 @@ class BossWorker:
         with self._room:
             self._closed = True
             self._room.notify_all()
-        self._sup.shutdown(wait=True, cancel_futures=force, force=force)
+        try:
+            self._sup.shutdown(wait=True, cancel_futures=force, force=force)
+        finally:
+            if self._bar is not None:
+                self._bar.close()
 
     def __enter__(self) -> BossWorker:
         return self

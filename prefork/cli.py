@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import tomllib
@@ -24,10 +25,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from prefork import _logging
+from prefork._operate import DERIVED
 from prefork._proctitle import set_title
 from prefork.config import Config, load_config
-from prefork.errors import ConfigError, PluginError, PreforkError
+from prefork.errors import ConfigError, MissingExtra, PluginError, PreforkError
 from prefork.strategies.registry import KINDS
 from prefork.strategies.resolver import import_object
 
@@ -63,6 +67,23 @@ def _config_path(arg: str | None) -> str | None:
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args.config), _parse_set(args.set))
+
+
+def _operable(config: Config) -> Config:
+    """A pool started by ``prefork run`` or ``serve``: its control socket on unless the
+    config says ``[control] enabled = false``; named after its app unless named."""
+    if "control.enabled" not in config.sources:
+        config = attrs.evolve(config, control=attrs.evolve(config.control, enabled=True))
+    if _named_by_profile(config) and config.app:
+        module = config.app.partition(":")[0]
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", module).lstrip(".-")[:64] or config.name
+        config = attrs.evolve(config, name=name, sources={**config.sources, "name": DERIVED})
+    return config
+
+
+def _named_by_profile(config: Config) -> bool:
+    source = str(config.sources.get("name", "defaults"))
+    return source == "defaults" or source.startswith("profile ")
 
 
 def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
@@ -125,7 +146,7 @@ RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
 def cmd_run(args: argparse.Namespace) -> int:
     _logging.configure(args.log_level, args.log_format)
     _logging.set_role("supervisor")
-    config = _load(args)
+    config = _operable(_load(args))
     if not config.app:
         raise ConfigError(
             f"{_config_path(args.config) or 'the configuration'}: app is empty; "
@@ -171,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
     if path is None:
         overrides.setdefault("profile", "mpm")
-    config = load_config(path, overrides)
+    config = _operable(load_config(path, overrides))
     if config.scaling.name != "spare":
         print(f"prefork serve: note: scaling is {config.scaling.name!r}, not 'spare'", file=sys.stderr)
     sys.path.insert(0, os.getcwd())
@@ -227,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="text (default) or json: one JSON object per line")
         p.set_defaults(func=func)
     from prefork import simulate
+    from prefork._control_cli import add_ctl_parser, add_status_parser
+
+    add_status_parser(sub)
+    add_ctl_parser(sub)
 
     text = "run a scaling policy on a fake clock against an arrival trace, forking nothing"
     p = sub.add_parser("simulate", help=text, description=text)
@@ -239,6 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, PluginError) as exc:
+    except (ConfigError, PluginError, MissingExtra) as exc:
         print(f"prefork: error: {exc}", file=sys.stderr)
         return 2

@@ -24,14 +24,18 @@ import os
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from socketserver import ThreadingMixIn
 from typing import Any
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 import attrs
 
+from prefork import _progress
 from prefork._hooks import hookimpl
+from prefork._progress import Progress, ProgressArg
 from prefork._supervisor import Supervisor
 from prefork._task import Task
 from prefork.config import Config, load_facade_config
@@ -41,7 +45,7 @@ from prefork.strategies.sink import CallbackSink
 
 __all__ = ["Dispatcher", "XMLRPCFront"]
 
-log = logging.getLogger("prefork")
+log = logging.getLogger("prefork.dispatcher")
 
 _LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 _REQUEST_KEYS = frozenset({"method_name", "method", "params", "upon_result", "from"})
@@ -134,7 +138,13 @@ class Dispatcher:
 
     Every argument may also come from a ``prefork.toml`` given as ``config``
     (profile ``dispatcher``); keyword arguments win.
+
+    ``progress``: a bar of the requests answered (with an error too) out of the
+    requests made so far, closed by ``shutdown()``: ``True`` (when stderr is a
+    terminal), ``"force"``, a bar or a bar factory; see ``docs/progress.md``.
     """
+
+    _bar: Progress | None = None  # the dispatcher's bar (progress=); None: no bar, nothing counted
 
     def __init__(
         self,
@@ -153,6 +163,8 @@ class Dispatcher:
         xmlrpc_server_parent: str | None = None,
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        progress: ProgressArg = False,
+        control: bool = False,
     ) -> None:
         settings: dict[str, Any] = {
             "resolver.methods": dict(methods) if methods is not None else None,
@@ -166,19 +178,25 @@ class Dispatcher:
             "dispatcher.alias": alias,
             "dispatcher.xmlrpc_server_parent": xmlrpc_server_parent,
             "name": fork_name,
+            "control.enabled": True if control else None,
         }
         if max_forks is not None and pre_fork is None and max_forks < 2:
             settings["scaling.pre_fork"] = max_forks  # the profile's pre_fork = 2 cannot exceed max_forks
-        self._setup(load_facade_config("dispatcher", config, overrides, settings), upon_result)
+        progress_spec = _progress.check(progress, "Dispatcher")
+        self._setup(load_facade_config("dispatcher", config, overrides, settings), upon_result, progress_spec)
 
     @classmethod
-    def from_config(cls, config: Config, upon_result: Callable[..., Any] | None = None) -> Dispatcher:
+    def from_config(
+        cls, config: Config, upon_result: Callable[..., Any] | None = None, *, progress: ProgressArg = False
+    ) -> Dispatcher:
         """A dispatcher built from an already loaded :class:`Config` (as ``prefork run`` does)."""
         self = cls.__new__(cls)
-        self._setup(config, upon_result)
+        self._setup(config, upon_result, _progress.check(progress, "Dispatcher"))
         return self
 
-    def _setup(self, config_obj: Config, upon_result: Callable[..., Any] | None) -> None:
+    def _setup(
+        self, config_obj: Config, upon_result: Callable[..., Any] | None, progress: _progress.Spec | None
+    ) -> None:
         opts = config_obj.dispatcher
         config_obj.require("sink", "callback", honoured=("callback",), by="a Dispatcher (results go to upon_result)")
         self.alias = opts.alias
@@ -198,10 +216,19 @@ class Dispatcher:
                 )
             parent = XmlRpcResolver(opts.xmlrpc_server_parent)
             resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent))
-        self._sup = Supervisor(
-            config_obj, sink=CallbackSink(self._deliver), resolver=resolver, plugins=(_SpecialMethods(resolver), self._talk),
-        )
-        self._sup.start()
+        self._bar = progress.start(0, grows=True, unit="req") if progress is not None else None
+        try:
+            self._sup = Supervisor(
+                config_obj, sink=CallbackSink(self._deliver), resolver=resolver,
+                plugins=(_SpecialMethods(resolver), self._talk),
+            )
+            self._sup.start()
+        except BaseException:
+            if self._bar is not None:
+                self._bar.close()
+            raise
+        if self._bar is not None:
+            weakref.finalize(self, self._bar.close)  # a dispatcher dropped without shutdown()
         self._talk.say(logging.INFO, f"dispatcher started ({config_obj.scaling.name} scaling)")
 
     # -- requests ----------------------------------------------------------------------
@@ -214,6 +241,8 @@ class Dispatcher:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        if self._bar is not None:
+            self._bar.post()  # before: a request that cannot be serialized is answered in submit()
         task_id: int = self._sup.submit(method, (request.get("from"), *params), context=(request, loop))
         self._talk.say(logging.DEBUG, f"request {task_id} queued: {_describe(method)}")
         return task_id
@@ -233,6 +262,8 @@ class Dispatcher:
 
     def _deliver(self, task: Task, ok: bool, value: Any) -> None:
         """Runs in the supervisor thread for each finished request."""
+        if self._bar is not None and (ok or not isinstance(value, CancelledError)):
+            self._bar.done()
         request, loop = task.context
         request["elapsed"] = task.elapsed
         response = value if ok else {"error": _error_text(value)}
@@ -257,7 +288,16 @@ class Dispatcher:
 
     def shutdown(self, wait: bool = True) -> None:
         """Answer every queued request, then stop the workers."""
-        self._sup.shutdown(wait=wait)
+        try:
+            self._sup.shutdown(wait=wait)
+        finally:
+            progress = self._bar
+            if progress is not None:
+                if wait or self._sup.stopped:
+                    progress.close()
+                else:
+                    sup = self._sup
+                    progress.close_when(lambda: bool(sup.stopped))
         self._talk.say(logging.INFO, "dispatcher stopped")
 
     def __enter__(self) -> Dispatcher:
@@ -269,6 +309,11 @@ class Dispatcher:
     def pids(self) -> list[int]:
         """The pids of the live workers."""
         return self._sup.pids()
+
+    def status(self) -> dict[str, Any]:
+        """The pool's status as JSON data: every worker (state, task, method, run time, memory)
+        and the totals (docs/operations.md); from any thread."""
+        return self._sup.status()
 
     def stats(self) -> dict[str, int]:
         return self._sup.stats()

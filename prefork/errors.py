@@ -17,6 +17,7 @@ __all__ = [
     "CorruptStream",
     "FrameTooLarge",
     "MethodNotFound",
+    "MissingExtra",
     "OptionError",
     "PluginError",
     "PoolBroken",
@@ -191,3 +192,8 @@ class TaskTimeout(PreforkError, TimeoutError):
 
     def __reduce__(self) -> tuple[type[TaskTimeout], tuple[float, int, str]]:
         return (type(self), (self.timeout, self.pid, self.stack))
+
+
+class MissingExtra(PreforkError, ImportError):
+    """A feature needs an optional extra that is not installed; the message says
+    which: ``pip install 'prefork[NAME]'`` (``progress``, ``metrics``, ``simulate``)."""

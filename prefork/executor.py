@@ -13,6 +13,7 @@ import itertools
 import os
 import queue
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from concurrent.futures import Executor as _StdExecutor
@@ -20,7 +21,8 @@ from concurrent.futures import Future
 from functools import partial
 from typing import Any, TypeVar, cast
 
-from prefork import _lifetime
+from prefork import _lifetime, _progress
+from prefork._progress import Progress, ProgressArg
 from prefork._supervisor import KILL_WAIT, Supervisor
 from prefork.config import Config, load_config
 from prefork.strategies.sink import FutureSink
@@ -58,6 +60,10 @@ class Executor(_StdExecutor):
     :param scaling, transport, serializer, resolver: a strategy for this pool: an
         object (a subclass of a built-in, say: ``scaling=MyPolicy(workers=3)``), a
         class, or a registered name or ``"module:Class"`` path.
+    :param progress: a bar over every task of the pool (a map's items each count
+        once), its total rising as tasks are submitted, closed at shutdown: ``True``
+        (when stderr is a terminal), ``"force"``, a bar or a bar factory; see
+        ``docs/progress.md``.  ``map(progress=...)`` shows one map alone.
 
     Leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) cancels the queued
     tasks, gives the running ones ``pool.kill_grace`` seconds, then kills them; a
@@ -67,6 +73,8 @@ class Executor(_StdExecutor):
     ``shutdown(wait=False)`` does (its queued tasks still run), with a
     :class:`ResourceWarning` naming the line that made it.
     """
+
+    _bar: Progress | None = None  # the pool's bar (progress=); None: no bar, nothing counted
 
     def __init__(
         self,
@@ -83,6 +91,8 @@ class Executor(_StdExecutor):
         transport: Any = None,
         serializer: Any = None,
         resolver: Any = None,
+        progress: ProgressArg = False,
+        control: bool = False,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -98,6 +108,8 @@ class Executor(_StdExecutor):
             kw["pool.max_tasks_per_child"] = max_tasks_per_child
         if timeout is not None:
             kw["pool.task_timeout"] = timeout
+        if control:
+            kw["control.enabled"] = True
         if isinstance(config, Config):
             if kw:
                 raise TypeError(
@@ -108,6 +120,7 @@ class Executor(_StdExecutor):
             config = load_config(config, kw)
         config.require("sink", "future", honoured=("cancel_running",), by="an Executor (results come back as futures)")
         cancel_running = cancel_running or bool(config.sink.options.get("cancel_running", False))
+        pool_bar = _progress.check(progress, "Executor")
         self._sup = Supervisor(
             config, sink=FutureSink(cancel_running=cancel_running), initializer=initializer,
             initargs=tuple(initargs) if initializer else None,
@@ -115,13 +128,24 @@ class Executor(_StdExecutor):
         self._sup.start()
         # holds the supervisor, never this object: see prefork/_lifetime.py
         self._finalizer = _lifetime.watch(self, self._sup, "prefork.Executor")
+        if pool_bar is not None:
+            try:
+                self._bar = pool_bar.start(0, grows=True, unit="task")
+            except BaseException:
+                self.kill()
+                raise
+            # dropped without shutdown: the pool stops as shutdown(wait=False) does, and so does its bar
+            weakref.finalize(self, self._bar.close_when, partial(getattr, self._sup, "stopped"))
 
     @property
     def config(self) -> Config:
         return self._sup.config  # type: ignore[no-any-return]
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        return self._sup.submit(fn, args, kwargs)  # type: ignore[no-any-return]
+        fut: Future[T] = self._sup.submit(fn, args, kwargs)
+        if self._bar is not None:
+            self._bar.follow(fut)
+        return fut
 
     def options(self, *, timeout: float | None = None) -> _Options:
         """Per-task options: ``executor.options(timeout=2).submit(fn, x)``, also ``.map``
@@ -135,6 +159,7 @@ class Executor(_StdExecutor):
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: ProgressArg = False,
     ) -> Iterator[T]:
         """Like :meth:`concurrent.futures.Executor.map` of Python 3.14: results in
         order; ``timeout`` (seconds for the whole map) counted from this call;
@@ -159,8 +184,14 @@ class Executor(_StdExecutor):
         ``options(timeout=)``) limits each call: such a map sends one item per
         task, and an explicit ``chunksize`` above 1 raises ``ValueError`` (the
         chunk would run under the timeout of one call).
+
+        Progress: ``progress=True`` shows a bar of the items done (with an error
+        too) out of the input's length (unknown for a lazy map over an input
+        without ``len()``) when stderr is a terminal; ``"force"`` shows it anyway;
+        a bar or a bar factory also do (see ``docs/progress.md``).  The bar is
+        closed once, when the iterator ends, raises, is closed or is dropped.
         """
-        return _map(self, None, fn, iterables, timeout, chunksize, buffersize, ordered=True)
+        return _map(self, None, fn, iterables, timeout, chunksize, buffersize, progress, ordered=True)
 
     def map_unordered(
         self,
@@ -169,21 +200,28 @@ class Executor(_StdExecutor):
         chunksize: int | None = None,
         buffersize: int | None = None,
         timeout: float | None = None,
+        progress: ProgressArg = False,
     ) -> Iterator[T]:
         """As :meth:`map`, but yields results as they come (``imap_unordered``):
         the items of a chunk in their order, chunks as they finish.  A failed call
         raises its exception when its turn comes; ``timeout`` raises
         ``TimeoutError`` when no result came by then (counted from this call)."""
-        return _map(self, None, fn, iterables, timeout, chunksize, buffersize, ordered=False)
+        return _map(self, None, fn, iterables, timeout, chunksize, buffersize, progress, ordered=False)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._finalizer.detach()
-        self._sup.shutdown(wait=wait, cancel_futures=cancel_futures)
+        try:
+            self._sup.shutdown(wait=wait, cancel_futures=cancel_futures)
+        finally:
+            self._end_progress(wait)
 
     def kill(self) -> None:
         """Stop now: kill every worker; running and queued tasks fail or are cancelled."""
         self._finalizer.detach()
-        self._sup.shutdown(wait=True, cancel_futures=True, force=True)
+        try:
+            self._sup.shutdown(wait=True, cancel_futures=True, force=True)
+        finally:
+            self._end_progress(True)
 
     def terminate(self, grace: float | None = None) -> None:
         """Stop soon: cancel queued tasks, give running ones ``grace`` seconds
@@ -191,14 +229,28 @@ class Executor(_StdExecutor):
         ``KeyboardInterrupt`` while waiting (a second Ctrl-C) kills them at once."""
         self._finalizer.detach()
         try:
-            self._sup.shutdown(wait=False, cancel_futures=True)
-            stopped = self._sup.join(self.config.pool.kill_grace if grace is None else grace)
-        except KeyboardInterrupt:
-            self._sup.shutdown(wait=False, force=True)
-            self._sup.join(KILL_WAIT)
-            raise
-        if not stopped:
-            self.kill()
+            try:
+                self._sup.shutdown(wait=False, cancel_futures=True)
+                stopped = self._sup.join(self.config.pool.kill_grace if grace is None else grace)
+            except KeyboardInterrupt:
+                self._sup.shutdown(wait=False, force=True)
+                self._sup.join(KILL_WAIT)
+                raise
+            if not stopped:
+                self.kill()
+        finally:
+            self._end_progress(True)
+
+    def _end_progress(self, now: bool) -> None:
+        """Close the pool's bar: now, or once the pool has stopped (a shutdown that does not wait)."""
+        progress = self._bar
+        if progress is None:
+            return
+        sup = self._sup
+        if now or sup.stopped:
+            progress.close()
+        else:
+            progress.close_when(lambda: bool(sup.stopped))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
@@ -214,6 +266,11 @@ class Executor(_StdExecutor):
         """Workers (booting, idle, busy), queued and in-flight tasks, forks so far."""
         return self._sup.stats()
 
+    def status(self) -> dict[str, Any]:
+        """The pool's status as JSON data: every worker (state, task, method, run time, memory)
+        and the totals (docs/operations.md); from any thread."""
+        return self._sup.status()
+
 
 class _Options:
     __slots__ = ("_executor", "_timeout")
@@ -223,7 +280,10 @@ class _Options:
         self._timeout = timeout
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        return self._executor._sup.submit(fn, args, kwargs, timeout=self._timeout)  # type: ignore[no-any-return]
+        fut: Future[T] = self._executor._sup.submit(fn, args, kwargs, timeout=self._timeout)
+        if self._executor._bar is not None:
+            self._executor._bar.follow(fut)
+        return fut
 
     def map(
         self,
@@ -232,9 +292,10 @@ class _Options:
         timeout: float | None = None,
         chunksize: int | None = None,
         buffersize: int | None = None,
+        progress: ProgressArg = False,
     ) -> Iterator[T]:
         """:meth:`Executor.map` with these options; the per-task timeout applies to each item."""
-        return _map(self._executor, self._timeout, fn, iterables, timeout, chunksize, buffersize, ordered=True)
+        return _map(self._executor, self._timeout, fn, iterables, timeout, chunksize, buffersize, progress, ordered=True)
 
     def map_unordered(
         self,
@@ -243,9 +304,12 @@ class _Options:
         chunksize: int | None = None,
         buffersize: int | None = None,
         timeout: float | None = None,
+        progress: ProgressArg = False,
     ) -> Iterator[T]:
         """:meth:`Executor.map_unordered` with these options."""
-        return _map(self._executor, self._timeout, fn, iterables, timeout, chunksize, buffersize, ordered=False)
+        return _map(
+            self._executor, self._timeout, fn, iterables, timeout, chunksize, buffersize, progress, ordered=False
+        )
 
 
 # -- map ----------------------------------------------------------------------------------
@@ -259,6 +323,7 @@ def _map(
     timeout: float | None,
     chunksize: int | None,
     buffersize: int | None,
+    progress: ProgressArg,
     ordered: bool,
 ) -> Iterator[Any]:
     if buffersize is not None:
@@ -268,6 +333,8 @@ def _map(
             raise ValueError("buffersize must be None or > 0")
     if chunksize is not None and chunksize < 1:
         raise ValueError("chunksize must be >= 1")
+    # checked before the input is read or anything is submitted
+    spec = None if progress is False else _progress.check(progress, "Executor.map" if ordered else "Executor.map_unordered")
     sup = executor._sup
     per_task = task_timeout if task_timeout is not None else sup.default_timeout
     if per_task is not None and chunksize is not None and chunksize > 1:
@@ -278,43 +345,74 @@ def _map(
         )
     deadline = None if timeout is None else time.monotonic() + timeout
     submit: Callable[..., Any] = sup.submit if task_timeout is None else partial(sup.submit, timeout=task_timeout)
+    bar: Progress | None = None
     feed: _Feed | None = None
-    if buffersize is None:  # consume the input now
-        if len(iterables) == 1:
-            columns = [list(iterables[0])]
+    try:  # the bar is closed if anything fails (or Ctrl-C strikes) before its iterator exists
+        if buffersize is None:  # consume the input now
+            if len(iterables) == 1:
+                columns = [list(iterables[0])]
+            else:
+                columns = [list(c) for c in zip(*zip(*iterables, strict=False), strict=True)] or [[] for _ in iterables]
+            n = len(columns[0]) if columns else 0
+            if chunksize is None:
+                workers = max(1, sup.max_workers)
+                small = per_task is not None or n <= AUTO_SMALL_MAP * workers
+                chunksize = 1 if small else -(-n // (workers * AUTO_CHUNKS_PER_WORKER))
+            if spec is not None:
+                bar = spec.start(n)
+            if bar is not None or executor._bar is not None:
+                submit = _counting(submit, bar, executor._bar)
+            if chunksize == 1:
+                futures = [submit(fn, args) for args in zip(*columns, strict=True)]
+            else:
+                futures = [
+                    submit(_run_chunk, (fn, *(c[i : i + chunksize] for c in columns))) for i in range(0, n, chunksize)
+                ]
+        else:  # lazily: buffersize tasks now, one more per result taken
+            chunksize = chunksize or 1
+            if spec is not None:
+                bar = spec.start(_progress.sized_total(iterables))
+            if bar is not None or executor._bar is not None:
+                submit = _counting(submit, bar, executor._bar)
+            feed = _Feed(executor, submit, _lazy_calls(fn, iterables, chunksize))
+            futures = []
+            try:
+                for _ in range(buffersize):
+                    if not feed(futures.append):
+                        break
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        if ordered:
+            results = _in_order(deque(futures), feed, deadline)
         else:
-            columns = [list(c) for c in zip(*zip(*iterables, strict=False), strict=True)] or [[] for _ in iterables]
-        n = len(columns[0]) if columns else 0
-        if chunksize is None:
-            workers = max(1, sup.max_workers)
-            small = per_task is not None or n <= AUTO_SMALL_MAP * workers
-            chunksize = 1 if small else -(-n // (workers * AUTO_CHUNKS_PER_WORKER))
-        if chunksize == 1:
-            futures = [submit(fn, args) for args in zip(*columns, strict=True)]
-        else:
-            futures = [
-                submit(_run_chunk, (fn, *(c[i : i + chunksize] for c in columns))) for i in range(0, n, chunksize)
-            ]
-    else:  # lazily: buffersize tasks now, one more per result taken
-        chunksize = chunksize or 1
-        feed = _Feed(executor, submit, _lazy_calls(fn, iterables, chunksize))
-        futures = []
-        try:
-            for _ in range(buffersize):
-                if not feed(futures.append):
-                    break
-        except BaseException:
+            arrivals = _Arrivals()
             for f in futures:
-                f.cancel()
-            raise
-    if ordered:
-        results = _in_order(deque(futures), feed, deadline)
-    else:
-        arrivals = _Arrivals()
-        for f in futures:
-            f.add_done_callback(arrivals)
-        results = _as_completed(set(futures), arrivals, feed, deadline)
-    return results if chunksize == 1 else _Flat.over(results)
+                f.add_done_callback(arrivals)
+            results = _as_completed(set(futures), arrivals, feed, deadline)
+        if bar is not None:
+            results = _progress.closing(results, bar)
+            weakref.finalize(results, bar.close)  # also when the iterator is dropped before its first item
+        return results if chunksize == 1 else _Flat.over(results)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+
+
+def _counting(submit: Callable[..., Any], *bars: Progress | None) -> Callable[..., Any]:
+    """``submit``, each task of a map also followed by ``bars`` (a chunk counts as its items)."""
+    follow = [bar.follow for bar in bars if bar is not None]
+
+    def counted(method: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        fut: Future[Any] = submit(method, args)
+        n = len(args[1]) if method is _run_chunk else 1  # a chunk's args: (fn, first column, ...)
+        for add in follow:
+            add(fut, n)
+        return fut
+
+    return counted
 
 
 def _lazy_calls(fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], chunksize: int) -> Iterator[tuple[Any, ...]]:

@@ -24,6 +24,7 @@ import faulthandler
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -153,14 +154,50 @@ class _DataHookProcess:
         frame = cloudpickle.dumps((pid, data, exitcode))
         self.sock.sendall(_LEN.pack(len(frame)) + frame)
 
-    def close(self) -> None:
-        """No more data: the process runs the hook on what is left, then exits."""
+    def close(self, grace: float, kill_grace: float) -> None:
+        """No more data: the process runs the hook on what is left, then exits.  A hook
+        still busy after ``grace`` seconds gets SIGTERM, then SIGKILL ``kill_grace`` later."""
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self.sock.close()
-        os.waitpid(self.pid, 0)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_grace), (None, None)):
+            if _reaped_within(self.pid, wait):
+                return
+            if sig is None:
+                break
+            log.warning("the data-hook process %d is still running child_data_hook after %g s; sending %s",
+                        self.pid, wait, signal.Signals(sig).name)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def _reaped_within(pid: int, timeout: float | None) -> bool:
+    """Reap ``pid`` if it exits within ``timeout`` seconds (``None``: wait as long as it takes)."""
+    if timeout is None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+    if not ready:
+        return False
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    return True
 
 
 def _serve_data_hook(sock: socket.socket, hook: Callable[..., Any]) -> None:
@@ -215,6 +252,7 @@ class MPM:
         *,
         config: str | os.PathLike[str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        control: bool = False,
     ) -> None:
         settings = {
             "scaling.start_servers": start_servers,
@@ -224,6 +262,7 @@ class MPM:
             "mpm.child_sigh": dict(child_sigh) if child_sigh is not None else None,
             "mpm.child_data_hook": child_data_hook,
             "mpm.data_hook_in_main": data_hook_in_main,
+            "control.enabled": True if control else None,
         }
         self._setup(load_facade_config("mpm", config, overrides, settings))
 
@@ -386,7 +425,8 @@ class MPM:
                 if self._sup is not None:
                     self._sup.shutdown(wait=True)
                 if self._hook_process is not None:
-                    self._hook_process.close()
+                    pool = self.config.pool
+                    self._hook_process.close(pool.graceful_timeout, pool.kill_grace)
                     self._hook_process = None
         finally:
             code = self._in_done.pop(me, None)
@@ -395,6 +435,13 @@ class MPM:
 
     def pids(self) -> list[int]:
         return self._sup.pids() if self._sup is not None else []
+
+    def status(self) -> dict[str, Any]:
+        """The pool's status as JSON data: every child (state, run time, memory) and the
+        totals (docs/operations.md); from any thread, once ``whip_kids``/``kid_new`` started it."""
+        if self._sup is None:
+            raise RuntimeError("this MPM has no children yet: whip_kids() or kid_new() starts it")
+        return self._sup.status()
 
     def stats(self) -> dict[str, int]:
         """Children booting/idle/busy, as the spare policy sees them."""

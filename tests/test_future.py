@@ -98,3 +98,28 @@ def test_a_killable_future_still_cancels_while_running() -> None:
     fut = KillableFuture(lambda: killed.append(True))
     assert fut.set_running_or_notify_cancel()
     assert fut.cancel() and fut.cancelled() and killed == [True]
+
+
+def test_a_done_callback_added_while_the_outcome_is_set_runs_exactly_once() -> None:
+    import threading
+
+    from prefork._future import LightFuture
+
+    for _ in range(300):
+        fut = LightFuture()
+        calls: list[int] = []
+        go = threading.Barrier(3)
+
+        def add(n: int, fut: LightFuture = fut, calls: list[int] = calls, go: threading.Barrier = go) -> None:
+            go.wait()
+            for i in range(20):
+                fut.add_done_callback(lambda f, k=n * 100 + i: calls.append(k))
+
+        threads = [threading.Thread(target=add, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        go.wait()
+        fut.set_result(1)
+        for t in threads:
+            t.join(10)
+        assert sorted(calls) == sorted(n * 100 + i for n in range(2) for i in range(20))

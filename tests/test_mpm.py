@@ -825,3 +825,37 @@ def test_pf_kid_yell_returns_true_in_a_child_and_is_a_no_op_in_the_parent(tmp_pa
         wait_until(lambda: hooks.items, what="the data")
     assert out.read_text() == "True None True\n"
     assert [data for _, data, _ in hooks.items] == [{"from": hooks.items[0][0]}]
+
+
+def yell_and_leave() -> None:
+    mpm.yell({"hello": os.getpid()})
+    mpm.exit(0)
+
+
+def test_done_waits_for_a_hung_data_hook_process_only_a_bounded_time(tmp_path: Path) -> None:
+    """A child_data_hook that never returns (in its own process) cannot hold ``done()``
+    forever: after graceful_timeout it gets SIGTERM, kill_grace later SIGKILL; no zombie is left."""
+    started = tmp_path / "hook.pid"
+
+    def hook(pid: int, data: Any, exitcode: int | None) -> None:  # runs in the data-hook process
+        started.write_text(str(os.getpid()))
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to the polite ask: SIGKILL must come
+        while True:
+            time.sleep(1)
+
+    m = MPM(start_servers=1, min_spare_servers=0, max_spare_servers=1, max_servers=1, child_data_hook=hook,
+            data_hook_in_main=False, overrides={**FAST, "pool.graceful_timeout": 0.3, "pool.kill_grace": 0.3})
+    try:
+        end = time.monotonic() + 10
+        while not started.exists() and time.monotonic() < end:
+            m.whip_kids(yell_and_leave, (), timeout=0.1)  # the loop runs in whip_kids: it forwards the data
+        hook_pid = int(started.read_text())
+    except BaseException:
+        m.done()  # bounded now, whatever the hook does
+        raise
+    t0 = time.monotonic()
+    m.done()
+    assert time.monotonic() - t0 < 5.0
+    assert not pid_alive(hook_pid)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(hook_pid, os.WNOHANG)  # reaped, not a zombie

@@ -64,7 +64,7 @@ def test_registration_runs_the_check() -> None:
         name: ClassVar[str] = "odd"
         takes_buffers = "sometimes"
 
-    with pytest.raises(PluginError, match="serializer 'odd'.*`takes_buffers` must be a bool"):
+    with pytest.raises(PluginError, match=r"serializer 'odd'.*`takes_buffers` must be a bool"):
         reg.register("serializer", Odd)
 
 
