@@ -57,6 +57,7 @@ from prefork._workers import Worker, WorkerTable
 from prefork.errors import PoolBroken, PoolShutDown, PreforkError
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies import optional
+from prefork.strategies.registry import KINDS
 from prefork.strategies.resolver import MethodResolver, import_object
 from prefork.strategies.scaling import ScalingPolicy
 from prefork.strategies.serializer import Serializer
@@ -67,6 +68,11 @@ WORKER_LIMIT: Final = 64  #: a pool may grow to this many workers at run time (o
 _NO_KWARGS: Final[dict[str, Any]] = {}  #: shared by calls without keyword arguments; never mutated
 
 __all__ = ["KILL_WAIT", "WORKER_LIMIT", "Supervisor"]
+
+
+def _callable(spec: Any) -> Any:
+    """A callable from the config: itself, ``"module:name"`` imported, or ``None`` for ``""``."""
+    return import_object(spec) if isinstance(spec, str) and spec else (spec or None)
 
 
 class Supervisor(PoolLoop):
@@ -107,21 +113,14 @@ class Supervisor(PoolLoop):
         self.resolver: MethodResolver = resolver if resolver is not None else config.create("resolver")
         self.transport: Transport = config.create("transport")
         self.sink: ResultSink = sink if sink is not None else config.create("sink")
-        if initializer is None and pool.initializer:
-            initializer = pool.initializer
-            if isinstance(initializer, str):
-                initializer = import_object(initializer)
-        if initargs is None:
-            initargs = tuple(pool.initargs)
-        finalizer = pool.finalizer or None
-        if isinstance(finalizer, str):
-            finalizer = import_object(finalizer)
+        initializer = initializer or _callable(pool.initializer)
+        initargs = tuple(pool.initargs) if initargs is None else initargs
+        finalizer = _callable(pool.finalizer)
         self.max_workers = self._scaler.policy.max_workers()
         #: most workers at once, whatever the policy becomes at run time (the scoreboard's size)
         self.worker_limit = max(self.max_workers, WORKER_LIMIT) if self.max_workers else 0
         self._scaler.max_workers = self.worker_limit
-        for kind in ("scaling", "transport", "serializer", "resolver", "sink"):
-            strategy = self.policy if kind == "scaling" else getattr(self, "resolver" if kind == "resolver" else kind)
+        for kind, strategy in zip(KINDS, (self.policy, self.transport, self.serializer, self.resolver, self.sink), strict=True):
             optional.check(kind, strategy, repr(getattr(strategy, "name", type(strategy).__qualname__)))
         self.max_frame = optional.max_frame(self.transport)
         self._call_limit = _frames.MAX_PAYLOAD
@@ -487,14 +486,7 @@ class Supervisor(PoolLoop):
         self._wake()
 
     def stats(self) -> dict[str, int]:
-        count = self.table.census(time.monotonic(), self.scoreboard if self.self_feeding else None)
-        return {
-            "workers": count.alive,
-            "booting": count.booting,
-            "busy": count.busy,
-            "idle": count.idle,
-            "retiring": count.retiring,
-            "queued": len(self.queue),
-            "in_flight": len(self._tasks),
-            "spawned_total": self._scaler.spawned_total,
-        }
+        """Workers by state, queued and in-flight tasks, forks so far (``status()`` says more)."""
+        c = self.table.census(time.monotonic(), self.scoreboard if self.self_feeding else None)
+        return {"workers": c.alive, "booting": c.booting, "busy": c.busy, "idle": c.idle, "retiring": c.retiring,
+                "queued": len(self.queue), "in_flight": len(self._tasks), "spawned_total": self._scaler.spawned_total}

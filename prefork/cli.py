@@ -27,7 +27,7 @@ from typing import Any
 
 import attrs
 
-from prefork import _logging
+from prefork import _logging, _progress
 from prefork._operate import DERIVED
 from prefork._proctitle import set_title
 from prefork.config import Config, load_config
@@ -86,10 +86,10 @@ def _named_by_profile(config: Config) -> bool:
     return source == "defaults" or source.startswith("profile ")
 
 
-def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
+def _run_executor(config: Config, app: Callable[..., Any], progress: Any = None) -> Any:
     from prefork.executor import Executor
 
-    pool = Executor(config=config)
+    pool = Executor(config=config, progress=progress or False)
     try:
         return app(pool)
     except BaseException:
@@ -99,10 +99,10 @@ def _run_executor(config: Config, app: Callable[..., Any]) -> Any:
         pool.shutdown(wait=True)
 
 
-def _run_boss_worker(config: Config, app: Callable[..., Any]) -> Any:
+def _run_boss_worker(config: Config, app: Callable[..., Any], progress: Any = None) -> Any:
     from prefork.bossworker import BossWorker
 
-    boss = BossWorker.from_config(config)
+    boss = BossWorker.from_config(config, progress=progress or False)
     try:
         return app(boss)
     except BaseException:
@@ -112,17 +112,17 @@ def _run_boss_worker(config: Config, app: Callable[..., Any]) -> Any:
         boss.shut_down()
 
 
-def _run_dispatcher(config: Config, app: Callable[..., Any]) -> Any:
+def _run_dispatcher(config: Config, app: Callable[..., Any], progress: Any = None) -> Any:
     from prefork.dispatcher import Dispatcher
 
-    dispatcher = Dispatcher.from_config(config)
+    dispatcher = Dispatcher.from_config(config, progress=progress or False)
     try:
         return app(dispatcher)
     finally:
         dispatcher.shutdown()
 
 
-def _run_mpm(config: Config, app: Callable[..., Any]) -> Any:
+def _run_mpm(config: Config, app: Callable[..., Any], progress: Any = None) -> Any:
     from prefork.mpm import MPM
 
     server = MPM.from_config(config)
@@ -135,7 +135,7 @@ def _run_mpm(config: Config, app: Callable[..., Any]) -> Any:
 
 
 #: How ``prefork run`` builds the pool of each profile and hands it to the app.
-RUNNERS: dict[str, Callable[[Config, Callable[..., Any]], Any]] = {
+RUNNERS: dict[str, Callable[[Config, Callable[..., Any], Any], Any]] = {
     "executor": _run_executor,
     "boss-worker": _run_boss_worker,
     "dispatcher": _run_dispatcher,
@@ -165,6 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"app = {config.app!r}: cannot import it: {exc}") from exc
     if not callable(app):
         raise ConfigError(f"app = {config.app!r}: {type(app).__name__} is not callable")
+    bar = _run_bar(config, app, args.progress)
 
     def on_signal(signum: int, frame: Any) -> None:
         raise _Stop(signum)
@@ -172,16 +173,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     set_title(f"{config.name} supervisor")
     try:
-        result = runner(config, app)
+        result = runner(config, app, bar)
     except _Stop as stop:
         print(f"prefork: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+        if bar is not None:
+            bar.close()
     if isinstance(result, bool):
         return 0 if result else 1
     return result if isinstance(result, int) else 0
+
+
+def _run_bar(config: Config, app: Any, mode: str) -> Any:
+    """The bar of an app that declares ``progress_total`` (docs/progress.md), on a terminal or forced."""
+    try:
+        total = _progress.declared_total(app)
+    except TypeError as exc:
+        raise ConfigError(f"app = {config.app!r}: {exc}") from exc
+    if total is None or mode == "off" or config.profile == "mpm":
+        return None
+    try:
+        return _progress.bar_for_run(total, sys.stderr, force=mode == "force")
+    except MissingExtra as exc:
+        if mode == "force":
+            raise
+        print(f"prefork run: no progress bar: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -241,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", help="path to a prefork.toml (default: ./prefork.toml if present)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+        if name == "run":
+            p.add_argument("--progress", choices=("auto", "force", "off"), default="auto",
+                           help="a progress bar for an app that declares progress_total: on a terminal (auto), always, never")
         if name in ("run", "serve"):
             p.add_argument("--log-level", default="WARNING", metavar="LEVEL",
                            help="log records at LEVEL and above: DEBUG, INFO, WARNING (default), ERROR or CRITICAL")

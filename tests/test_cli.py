@@ -109,3 +109,91 @@ def test_run_stops_cleanly_on_signal(tmp_path: Path, sig: signal.Signals) -> Non
             proc.wait()
     assert proc.returncode == 128 + sig, err
     assert f"stopped by {sig.name}" in err
+
+
+PROGRESS_APP = '''
+import time
+
+def main(pool):
+    for f in [pool.submit(abs, -i) for i in range(20)]:
+        f.result()
+    return 0
+
+main.progress_total = 20
+'''
+
+
+def test_run_shows_a_bar_for_an_app_that_declares_its_total(tmp_path: Path) -> None:
+    (tmp_path / "barapp.py").write_text(PROGRESS_APP)
+    (tmp_path / "prefork.toml").write_text('app = "barapp:main"\n[scaling]\nworkers = 2\n')
+    out = prefork("run", "--progress", "force", "--set", "control.enabled=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "20/20" in out.stderr, out.stderr
+    quiet = prefork("run", "--set", "control.enabled=false", cwd=tmp_path)  # auto on a pipe: no bar
+    assert quiet.returncode == 0 and "20/20" not in quiet.stderr, quiet.stderr
+
+
+def test_a_bad_progress_total_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "barapp.py").write_text(PROGRESS_APP.replace("= 20", '= "lots"'))
+    (tmp_path / "prefork.toml").write_text('app = "barapp:main"\n')
+    out = prefork("run", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("prefork: error: app = 'barapp:main': ") and len(out.stderr.strip().splitlines()) == 1
+
+
+WAITING_APP = '''
+import os, time
+
+def hold(path):
+    end = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.02)
+
+def main(pool):
+    fut = pool.submit(hold, os.environ["GO_FILE"])
+    open(os.environ["READY_FILE"], "w").close()
+    fut.result()
+    return 0
+'''
+
+
+def test_run_listens_on_a_control_socket_named_after_the_app_and_removes_it(tmp_path: Path) -> None:
+    """``prefork run`` turns the control socket on: ``prefork status`` from another process sees
+    the app's pool by the app's name, its busy worker and the task's method; when the app ends,
+    no socket is left."""
+    import time
+
+    (tmp_path / "waitapp.py").write_text(WAITING_APP)
+    (tmp_path / "prefork.toml").write_text('app = "waitapp:main"\n[scaling]\nworkers = 2\n[pool]\nkill_grace = 0.2\n')
+    sockets = tmp_path / "run"
+    sockets.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(sockets), "READY_FILE": str(tmp_path / "ready"), "GO_FILE": str(tmp_path / "go")}
+    proc = subprocess.Popen([sys.executable, "-m", "prefork", "run"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 20
+        while not (tmp_path / "ready").exists() and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.05)
+        assert (tmp_path / "ready").exists(), proc.communicate(timeout=10)
+        sock = sockets / "prefork" / "waitapp.sock"
+        assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o600
+        status = subprocess.run([sys.executable, "-m", "prefork", "status", "waitapp", "--json"], env=env,
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        import json
+
+        snap = json.loads(status.stdout)
+        assert snap["name"] == "waitapp" and snap["pid"] == proc.pid
+        wait_busy = time.monotonic() + 10
+        while snap["totals"]["busy"] != 1 and time.monotonic() < wait_busy:
+            snap = json.loads(subprocess.run([sys.executable, "-m", "prefork", "status", "waitapp", "--json"], env=env,
+                                             capture_output=True, text=True, timeout=30).stdout)
+        busy = [w for w in snap["workers"] if w["state"] == "busy"]
+        assert busy and busy[0]["method"] == "waitapp:hold"
+        (tmp_path / "go").touch()
+        assert proc.wait(timeout=30) == 0, proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists(), "the control socket was left behind"
