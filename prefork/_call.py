@@ -103,6 +103,7 @@ class Caller:
         self._dump_parts = dump_parts(serializer)
         self._before = hook.prefork_before_call if hook.prefork_before_call.get_hookimpls() else None
         self._after = hook.prefork_after_call if hook.prefork_after_call.get_hookimpls() else None
+        self.on_call: Callable[[Any], None] | None = None  #: told each task's method before it runs (the title)
 
     def resolve(self, method: Any) -> Callable[..., Any]:
         return resolve_method(self.resolver, method, self._cache)
@@ -114,6 +115,8 @@ class Caller:
         try:
             method, args, kwargs = self._loads(payload)
             fn = self.resolve(method)
+            if self.on_call is not None:
+                self.on_call(method)
             if self._before is not None:
                 self._before(worker=self.info, task_id=tid, method=method, args=args, kwargs=kwargs)
             t0 = time.monotonic()

@@ -29,7 +29,7 @@ import attrs
 
 from prefork import _frames, _logging, _scoreboard
 from prefork._call import Caller, resolve_method
-from prefork._proctitle import set_title
+from prefork._proctitle import TaskTitle, set_title
 from prefork._result_buffer import ResultBuffer
 from prefork._task import WorkerInfo
 from prefork.strategies.resolver import MethodResolver
@@ -401,6 +401,8 @@ def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
 
 def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> str:
     caller = Caller(ctx.serializer, ctx.resolver, ctx.hook, info)
+    title = TaskTitle(ctx.title)
+    caller.on_call = title.busy
     rss_limit = ctx.max_rss_mb * 2**20
     rss_base = _rss_bytes() if rss_limit else 0  # read after each batch, only when a limit is set
     asked = False
@@ -442,6 +444,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
         words[base + _scoreboard.SINCE] = monotonic_ns()
         if results.size:
             flush()
+        title.idle()
         if rss_limit and not asked:
             grown = _rss_bytes() - rss_base
             if grown > rss_limit:

@@ -179,3 +179,47 @@ def test_with_timing_each_outcome_lands_in_the_queue_wait_and_run_time_histogram
         assert wait["sum"] >= 0.03  # the second and third nap waited for the first
     finally:
         sup.shutdown()
+
+
+def wait_for(path: str) -> None:
+    end = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def title_of(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def test_a_task_worker_s_title_says_busy_and_the_method_while_it_runs_then_idle(tmp_path: Any) -> None:
+    gate = str(tmp_path / "gate")
+    sup = pool(**{"scaling.workers": 1, "name": "titled"})
+    try:
+        wait_for_idle = wait_for_status(sup, lambda s: s["totals"]["idle"] == 1)
+        [pid] = [w["pid"] for w in wait_for_idle["workers"]]
+        assert title_of(pid) == "titled worker"
+        fut = sup.submit(wait_for, (gate,))
+        wait_for_title = f"titled worker busy {__name__}:wait_for"
+        end = time.monotonic() + 10
+        while title_of(pid) != wait_for_title and time.monotonic() < end:
+            time.sleep(0.01)
+        assert title_of(pid) == wait_for_title
+        open(gate, "w").close()
+        fut.result(10)
+        end = time.monotonic() + 10
+        while title_of(pid) != "titled worker" and time.monotonic() < end:
+            time.sleep(0.01)
+        assert title_of(pid) == "titled worker"
+    finally:
+        sup.shutdown()
+
+
+def wait_for_status(sup: Supervisor, ok: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = sup.status()
+        if ok(s):
+            return s
+        time.sleep(0.01)
+    raise AssertionError(f"timed out; last status {sup.status()}")
