@@ -193,7 +193,15 @@ class BossWorker:
                 self._pending += 1
                 if self._bar is not None:
                     self._bar.post()  # before: a job that cannot be serialized finishes in submit()
-                task_id: int = self._sup.submit(self._work, (job,))
+                try:
+                    task_id: int = self._sup.submit(self._work, (job,))
+                except BaseException:  # refused (the pool broke, or is stopping): this job was never added
+                    self._outstanding -= 1
+                    self._pending -= 1
+                    if self._bar is not None:
+                        self._bar.post(-1)
+                    self._room.notify_all()
+                    raise
                 if self._ordered:
                     self._order.append(task_id)
             ids.append(task_id)
@@ -217,7 +225,7 @@ class BossWorker:
         if outcome is None:
             return None
         with self._lock:
-            self._pending -= 1
+            self._pending = max(0, self._pending - 1)  # an outcome of a job refused as it was added is not one
         result = outcome.value if outcome.ok else error_result(outcome.value)
         if self._result_handler is not None:
             result = self._result_handler(result)

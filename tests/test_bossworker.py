@@ -271,3 +271,30 @@ def test_bad_when_full_names_the_key() -> None:
 
 def test_is_exported() -> None:
     assert prefork.BossWorker is BossWorker
+
+
+def _init_fails() -> None:
+    raise RuntimeError("no database")
+
+
+def test_a_job_refused_by_a_broken_pool_is_not_pending_and_get_result_does_not_wait_for_it() -> None:
+    """add_work() on a pool that broke raises, and the job it refused counts nowhere:
+    pending() falls back to what is really outstanding, get_result() returns at once."""
+    import time
+
+    import prefork
+
+    boss = BossWorker(abs, init_handler=_init_fails, worker_count=1, overrides={"pool.max_boot_failures": 1})
+    try:
+        first = boss.add_work(-1)
+        assert len(first) == 1
+        outcome = boss.get_result(timeout=10)  # the pool broke: the first job fails with PoolBroken
+        assert isinstance(outcome, dict) and "ERROR" in outcome, outcome
+        with pytest.raises(prefork.PoolBroken):
+            boss.add_work(-2)
+        assert boss.pending() == 0
+        t0 = time.monotonic()
+        assert boss.get_result() is None
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        boss.shut_down()
