@@ -39,13 +39,14 @@ _ELLIPSIS: Final = "…"
 
 
 def _cell_width(ch: str) -> int:
-    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
-        return 0
+    """Cells ``ch`` may take: two for wide East Asian characters, else one.  Marks that a
+    terminal draws over the previous cell count one too: a line cut a little early is
+    harmless, one a cell too long wraps the whole table."""
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 def _width(text: str) -> int:
-    """Terminal cells ``text`` takes (wide East Asian characters take two)."""
+    """Terminal cells ``text`` takes at most (see ``_cell_width``)."""
     return sum(_cell_width(ch) for ch in text)
 
 

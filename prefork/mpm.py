@@ -11,7 +11,7 @@ is no second supervisor: the caller drives the core's loop (``whip_kids`` or
 Children send data at any time with ``yell(data)`` or ``exit(code, data)``;
 each message crosses the child's own channel in length-prefixed frames, so
 messages of any size arrive whole and never interleave.  ``child_data_hook``
-runs in the main process or in a dedicated data-hook process.
+runs in the main process or in a dedicated data-hook process (``prefork/_datahook.py``).
 
 Module functions with the seed's names (``pf_init``, ``pf_whip_kids``,
 ``pf_kid_new``, ``pf_kid_busy``, ``pf_kid_idle``, ``pf_kid_yell``,
@@ -21,27 +21,17 @@ Module functions with the seed's names (``pf_init``, ``pf_whip_kids``,
 from __future__ import annotations
 
 import faulthandler
-import logging
 import os
-import pickle
-import select
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-import cloudpickle  # type: ignore[import-untyped]
-
-from prefork import _logging
-from prefork._hooks import hookimpl
-from prefork._proctitle import set_title
+from prefork._datahook import _DataForwarder, _DataHookProcess
 from prefork._supervisor import Supervisor
-from prefork._task import WorkerInfo
-from prefork._worker import STACK_SIGNAL, ForkedChild, WorkerHandle, current_worker, reset_signals
+from prefork._worker import STACK_SIGNAL, ForkedChild, WorkerHandle, current_worker
 from prefork.config import Config, load_facade_config
 from prefork.errors import PreforkError
 from prefork.strategies.resolver import import_object
@@ -49,10 +39,6 @@ from prefork.strategies.scaling import SparePolicy
 
 __all__ = ["MPM", "busy", "exit", "idle", "pf_done", "pf_init", "pf_kid_busy", "pf_kid_exit", "pf_kid_idle",
            "pf_kid_new", "pf_kid_yell", "pf_whip_kids", "yell"]  # fmt: skip
-
-_LEN = struct.Struct("<Q")
-
-log = logging.getLogger("prefork.mpm")
 
 
 # -- in the child -----------------------------------------------------------------------
@@ -120,113 +106,6 @@ def _child_main(code: Callable[..., Any], args: tuple[Any, ...], handlers: Mappi
     """The body every ``whip_kids`` child runs: claim its signals, then ``code(*args)``."""
     _claim_child_signals(handlers)
     return code(*args)
-
-
-# -- the data hook ----------------------------------------------------------------------------
-
-
-class _DataHookProcess:
-    """A dedicated process running ``child_data_hook`` (``data_hook_in_main = false``)."""
-
-    def __init__(self, hook: Callable[..., Any], name: str) -> None:
-        parent, child = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            parent.close()
-            code = 0
-            try:
-                reset_signals()
-                _logging.set_role("data-hook")
-                set_title(f"{name} datahook")
-                _serve_data_hook(child, hook)
-            except BaseException:
-                log.exception("the data-hook process %d of %s failed; child_data_hook gets no more data", os.getpid(), name)
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        child.close()
-        self.pid = pid
-        self.sock = parent
-
-    def send(self, pid: int, data: Any, exitcode: int | None) -> None:
-        frame = cloudpickle.dumps((pid, data, exitcode))
-        self.sock.sendall(_LEN.pack(len(frame)) + frame)
-
-    def close(self, grace: float, kill_grace: float) -> None:
-        """No more data: the process runs the hook on what is left, then exits.  A hook
-        still busy after ``grace`` seconds gets SIGTERM, then SIGKILL ``kill_grace`` later."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.sock.close()
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_grace), (None, None)):
-            if _reaped_within(self.pid, wait):
-                return
-            if sig is None:
-                break
-            log.warning("the data-hook process %d is still running child_data_hook after %g s; sending %s",
-                        self.pid, wait, signal.Signals(sig).name)
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-
-
-def _reaped_within(pid: int, timeout: float | None) -> bool:
-    """Reap ``pid`` if it exits within ``timeout`` seconds (``None``: wait as long as it takes)."""
-    if timeout is None:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        return True
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([fd], [], [], timeout)
-    finally:
-        os.close(fd)
-    if not ready:
-        return False
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    return True
-
-
-def _serve_data_hook(sock: socket.socket, hook: Callable[..., Any]) -> None:
-    stream = sock.makefile("rb")
-    while True:
-        head = stream.read(_LEN.size)
-        if len(head) < _LEN.size:
-            return
-        (size,) = _LEN.unpack(head)
-        pid, data, exitcode = pickle.loads(stream.read(size))
-        try:
-            hook(pid, data, exitcode)
-        except Exception:
-            log.exception("child_data_hook %r failed on data from child %d; the data-hook process goes on", hook, pid)
-
-
-class _DataForwarder:
-    """The core's ``prefork_child_data`` hook, handing data to ``child_data_hook``."""
-
-    def __init__(self, hook: Callable[..., Any], process: _DataHookProcess | None) -> None:
-        self.hook = hook
-        self.process = process
-
-    @hookimpl
-    def prefork_child_data(self, worker: WorkerInfo, data: Any, exitcode: int | None) -> None:
-        if self.process is not None:
-            self.process.send(worker.pid, data, exitcode)
-        else:
-            self.hook(worker.pid, data, exitcode)
 
 
 # -- the parent ---------------------------------------------------------------------------------
@@ -532,6 +411,3 @@ def pf_kid_yell(data: Any) -> bool | None:
 pf_kid_busy = busy
 pf_kid_idle = idle
 pf_kid_exit = exit
-
-
-# -- until prefork.cli imports prefork.serve.serve (and prints the address itself) --------------------

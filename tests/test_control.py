@@ -29,13 +29,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prefork._control_cli import CLEAR, add_ctl_parser, add_status_parser, format_duration, render_status, watch
+from prefork._control_protocol import _BadRequest, _parse_request
 from prefork._supervisor import Supervisor
 from prefork.config import load_config
 from prefork.control import (
     MAX_REQUEST,
     ControlServer,
-    _BadRequest,
-    _parse_request,
     default_directory,
     fetch_status,
     list_pools,

@@ -181,7 +181,7 @@ def test_with_timing_each_outcome_lands_in_the_queue_wait_and_run_time_histogram
         sup.shutdown()
 
 
-def wait_for(path: str) -> None:
+def wait_for_file(path: str) -> None:
     end = time.monotonic() + 30
     while not os.path.exists(path) and time.monotonic() < end:
         time.sleep(0.01)
@@ -199,8 +199,8 @@ def test_a_task_worker_s_title_says_busy_and_the_method_while_it_runs_then_idle(
         wait_for_idle = wait_for_status(sup, lambda s: s["totals"]["idle"] == 1)
         [pid] = [w["pid"] for w in wait_for_idle["workers"]]
         assert title_of(pid) == "titled worker"
-        fut = sup.submit(wait_for, (gate,))
-        wait_for_title = f"titled worker busy {__name__}:wait_for"
+        fut = sup.submit(wait_for_file, (gate,))
+        wait_for_title = f"titled worker busy {__name__}:wait_for_file"
         end = time.monotonic() + 10
         while title_of(pid) != wait_for_title and time.monotonic() < end:
             time.sleep(0.01)
