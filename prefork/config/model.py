@@ -254,6 +254,37 @@ class MPMConfig:
                       "before handle(conn, addr), whose waits then raise TimeoutError (socket.timeout), so idle "
                       "clients cannot hold every child (0: none)"),
     )
+    wsgi: str = attrs.field(
+        default="", validator=callable_spec(allow_callable=False),
+        metadata=doc("'module:app': `prefork serve` serves this WSGI application over HTTP/1.1 instead of calling "
+                      "app(conn, addr) (\"\": not WSGI)"),
+    )
+    max_header_bytes: int = attrs.field(
+        default=65536, validator=int_ge(256),
+        metadata=doc("WSGI: most bytes of a request line and headers together; more is answered 431"),
+    )
+    max_headers: int = attrs.field(
+        default=100, validator=int_ge(1), metadata=doc("WSGI: most header fields in a request; more is answered 431"),
+    )
+    max_body: int = attrs.field(
+        default=64 * 2**20, validator=int_ge(0),
+        metadata=doc("WSGI: most bytes of a request body (declared or chunked); more is answered 413 (0: no limit)"),
+    )
+    header_timeout: float = attrs.field(
+        default=10.0, converter=as_float, validator=seconds(0, strict=True),
+        metadata=doc("WSGI: seconds a client has to send a whole request line and headers (slowloris); then the "
+                      "connection is closed (408 if it sent part of one)"),
+    )
+    keepalive_timeout: float = attrs.field(
+        default=5.0, converter=as_float, validator=seconds(0),
+        metadata=doc("WSGI: seconds an idle keep-alive connection waits for its next request (0: one request per "
+                      "connection)"),
+    )
+    request_timeout: float = attrs.field(
+        default=0.0, converter=as_float, validator=seconds(0),
+        metadata=doc("harakiri: a child busy longer than this (one connection of handle(conn, addr), one request "
+                      "of a WSGI app) is killed and replaced, its Python stack logged first (0: never)"),
+    )
 
 
 @attrs.frozen(kw_only=True)
