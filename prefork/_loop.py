@@ -57,6 +57,7 @@ class PoolLoop(WorkerIO):
     max_boot_failures: int
     kill_grace: float
     graceful_timeout: float
+    busy_timeout: float
 
     def _wake(self) -> None:
         """Make the loop's ``select`` return.  Safe from any thread and from a signal
@@ -113,6 +114,8 @@ class PoolLoop(WorkerIO):
             wait = min(wait, self._deadlines[0][0] - now)
         if self._closing:
             wait = min(wait, 0.05)
+        if self.busy_timeout:
+            wait = min(wait, 0.1)  # busy times are looked at ten times a second
         return max(0.0, min(wait, 1.0))
 
     def _on_wake(self, fd: int, mask: int) -> None:
@@ -258,6 +261,8 @@ class PoolLoop(WorkerIO):
                 else:  # the fork never came back
                     self._release(w)
                     self._boot_failed(f"no worker was forked within boot_timeout = {self.boot_timeout:g} s")
+        if self.busy_timeout:
+            self._harakiri(now)
         if self._scaler.due(now, len(self.queue)):
             self._scale(now)
 
@@ -274,7 +279,18 @@ class PoolLoop(WorkerIO):
         if started + task.timeout > now:
             self.ledger.defer(task, started + task.timeout)
             return
-        # first ask the worker for its stack (faulthandler), then fail the task and kill
+        stack = self._stack_of(w, now)  # first its stack (faulthandler), then fail the task and kill
+        if stack is None:
+            self.ledger.defer(task, min(now + 0.02, w.stack_wait))
+            return
+        task.started_at = started
+        self._settle(w, task, False, TaskTimeout(task.timeout, w.pid, stack))
+        self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
+        self._retire(w, "a task timed out", "timeout", kill=True)
+
+    def _stack_of(self, w: Worker, now: float) -> str | None:
+        """``w``'s Python stack, asked of it (faulthandler) on the first call; ``None`` while
+        it is still being written (call again shortly); ``""`` if none came in ``STACK_WAIT``."""
         fd = self.scoreboard.words[w.slot * _scoreboard.WORDS + _scoreboard.STACKFD]
         if w.stack_wait == 0.0 and fd >= 0:
             w.stack_wait = now + STACK_WAIT
@@ -283,13 +299,27 @@ class PoolLoop(WorkerIO):
             stack = read_stack(w.pid, fd)
             if not stack or len(stack) != w.stack_seen:
                 w.stack_seen = len(stack)  # still being written: look again shortly
-                self.ledger.defer(task, min(now + 0.02, w.stack_wait))
-                return
-        stack = read_stack(w.pid, fd)
-        task.started_at = started
-        self._settle(w, task, False, TaskTimeout(task.timeout, w.pid, stack))
-        self._log(logging.WARNING, f"task {task.id} timed out after {task.timeout:g} s; killing worker {w.pid}")
-        self._retire(w, "a task timed out", "timeout", kill=True)
+                return None
+        return read_stack(w.pid, fd)
+
+    def _harakiri(self, now: float) -> None:
+        """Self-feeding workers busy longer than ``busy_timeout`` (``[mpm] request_timeout``):
+        their stack is logged, then they are killed and replaced."""
+        limit = self.busy_timeout
+        board = self.scoreboard
+        for w in self.table.all():
+            if w.state != READY or not w.pid or board.state(w.slot) != _scoreboard.BUSY:
+                continue
+            busy_for = now - board.since(w.slot)
+            if busy_for <= limit:
+                w.stack_wait = 0.0  # a stack asked of an earlier, longer busy spell is stale
+                continue
+            stack = self._stack_of(w, now)
+            if stack is None:
+                continue  # the next pass looks again (the loop wakes at least every 0.1 s)
+            self._log(logging.ERROR, f"worker {w.pid} was busy for {busy_for:.1f} s, more than mpm.request_timeout = "
+                                     f"{limit:g} s: killing it; its stack:\n{stack.rstrip() or '(none came)'}")
+            self._retire(w, "busy longer than mpm.request_timeout", "timeout", kill=True)
 
     def _is_idle(self, w: Worker) -> bool:
         if self.self_feeding:

@@ -130,6 +130,8 @@ class Supervisor(PoolLoop):
         self.max_tasks = pool.max_tasks_per_child
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
+        #: harakiri: a self-feeding worker busy longer than this is killed (0: never)
+        self.busy_timeout = config.mpm.request_timeout if body is not None or return_in_child else 0.0
         self.body = body
         #: workers find their own work (a body, or the caller's code after kid_new) and read no frames
         self.self_feeding = body is not None or return_in_child

@@ -209,6 +209,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _logging.configure(args.log_level, args.log_format)
     overrides = _parse_set(args.set)
+    if args.wsgi is not None:
+        overrides["mpm.wsgi"] = args.wsgi
     path = _config_path(args.config)
     if path is None:
         overrides.setdefault("profile", "mpm")
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("-c", "--config", help="path to a prefork.toml (default: ./prefork.toml if present)")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+        if name == "serve":
+            p.add_argument("--wsgi", metavar="MODULE:APP",
+                           help="serve this WSGI application over HTTP/1.1 (the same as --set mpm.wsgi=MODULE:APP)")
         if name == "run":
             p.add_argument("--progress", choices=("auto", "force", "off"), default="auto",
                            help="a progress bar for an app that declares progress_total: on a terminal (auto), always, never")

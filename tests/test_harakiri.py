@@ -1,0 +1,75 @@
+"""Harakiri: ``[mpm] request_timeout`` kills a child busy longer than that, after its
+Python stack is logged, and the pool replaces it; a child busy less long is left alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from prefork import mpm
+from prefork.mpm import MPM
+from prefork.testing import pid_alive
+
+
+def stuck_in_a_request(flag: str) -> None:
+    mpm.busy()
+    with open(flag, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    deep_in_the_app()
+
+
+def deep_in_the_app() -> None:
+    while True:
+        time.sleep(0.05)
+
+
+def quick_requests() -> None:
+    for _ in range(5):
+        mpm.busy()
+        time.sleep(0.05)
+        mpm.idle()
+
+
+def test_a_child_stuck_in_a_request_is_killed_its_stack_logged_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    flag = tmp_path / "busy"
+    m = MPM(start_servers=1, min_spare_servers=1, max_spare_servers=1, max_servers=2,
+            overrides={"scaling.tick": 0.05, "mpm.request_timeout": 0.4, "pool.kill_grace": 0.2})
+    caplog.set_level(logging.ERROR, logger="prefork.supervisor")
+    try:
+        end = time.monotonic() + 20
+        first = None
+        while time.monotonic() < end:
+            m.whip_kids(stuck_in_a_request, (str(flag),), timeout=0.05)
+            if first is None and flag.exists():
+                first = int(flag.read_text().split()[0])
+                t0 = time.monotonic()
+            if first is not None and not pid_alive(first) and len(flag.read_text().split()) >= 2:
+                break
+        assert first is not None, "no child got busy"
+        assert not pid_alive(first), "the stuck child was not killed"
+        assert time.monotonic() - t0 < 5.0
+        assert len(flag.read_text().split()) >= 2, "no replacement took requests"
+    finally:
+        m.done()
+    [record] = [r for r in caplog.records if f"worker {first} was busy" in r.getMessage()]
+    text = record.getMessage()
+    assert "mpm.request_timeout = 0.4 s" in text
+    assert "deep_in_the_app" in text and "stuck_in_a_request" in text  # the child's Python stack
+    assert m.stats()["workers"] == 0
+
+
+def test_children_busy_less_long_than_the_timeout_are_never_killed(caplog: pytest.LogCaptureFixture) -> None:
+    m = MPM(start_servers=2, min_spare_servers=1, max_spare_servers=2, max_servers=2,
+            overrides={"scaling.tick": 0.05, "mpm.request_timeout": 1.0})
+    caplog.set_level(logging.ERROR, logger="prefork.supervisor")
+    try:
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            m.whip_kids(quick_requests, (), timeout=0.05)
+    finally:
+        m.done()
+    assert not [r for r in caplog.records if "was busy for" in r.getMessage()]
