@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any, Final
 
@@ -58,6 +59,7 @@ class PoolLoop(WorkerIO):
     kill_grace: float
     graceful_timeout: float
     busy_timeout: float
+    waiting: Callable[[], int] | None
 
     def _wake(self) -> None:
         """Make the loop's ``select`` return.  Safe from any thread and from a signal
@@ -357,7 +359,13 @@ class PoolLoop(WorkerIO):
         if self._closing and not self.queue:
             return
         count = self.table.census(now, self.scoreboard if self.self_feeding else None)
-        step = self._scaler.tick(now, count, len(self.queue))
+        queued = len(self.queue)
+        if self.waiting is not None:
+            try:
+                queued += max(0, int(self.waiting()))
+            except Exception:
+                log.exception("reading the work waiting outside the queue failed; the policy sees the queue only")
+        step = self._scaler.tick(now, count, queued)
         for _ in range(step.spawn):
             self._spawn(now)
         if step.retire:

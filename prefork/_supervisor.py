@@ -37,6 +37,7 @@ import selectors
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any, Final
 
@@ -83,7 +84,9 @@ class Supervisor(PoolLoop):
     profile): each runs ``body(*body_args)`` and reports busy/idle through the
     scoreboard; ``return_in_child`` (direct forks only) makes a new worker return
     into the caller's code instead (``ForkedChild`` is raised in the child).  ``threaded=False`` leaves the loop to the caller (``step``).
-    ``plugins`` are hook implementations for this pool alone (a facade's own).
+    ``plugins`` are hook implementations for this pool alone (a facade's own).  ``waiting()``
+    counts work waiting outside the queue (``prefork serve``: its listen queue), added to
+    what the scaling policy sees as ``queued``.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Supervisor(PoolLoop):
         child_signals: dict[int, Any] | None = None,
         return_in_child: bool = False,
         plugins: tuple[object, ...] = (),
+        waiting: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
         pool = config.pool
@@ -130,6 +134,7 @@ class Supervisor(PoolLoop):
         self.max_tasks = pool.max_tasks_per_child
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
+        self.waiting = waiting  #: work waiting outside the queue (connections in a listen queue), for the policy
         #: harakiri: a self-feeding worker busy longer than this is killed (0: never)
         self.busy_timeout = config.mpm.request_timeout if body is not None or return_in_child else 0.0
         self.body = body

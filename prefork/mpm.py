@@ -171,7 +171,10 @@ class MPM:
         hook = opts.child_data_hook or None
         self._hook = import_object(hook) if isinstance(hook, str) else hook
 
-    def _start(self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False) -> Supervisor:
+    def _start(
+        self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False,
+        waiting: Callable[[], int] | None = None,
+    ) -> Supervisor:
         if self._hook is not None and self._hook_process is None and not self.config.mpm.data_hook_in_main:
             self._hook_process = _DataHookProcess(self._hook, self.config.name)
         # this pool's own hook: on a plugin manager of its own, gone with the pool, so
@@ -181,7 +184,7 @@ class MPM:
         sup = Supervisor(
             self.config, threaded=False, body=_child_main if body is not None else None,
             body_args=(body, args, self._child_signals), child_signals=self._child_signals,
-            return_in_child=return_in_child, plugins=plugins,
+            return_in_child=return_in_child, plugins=plugins, waiting=waiting,
         )
         if self._hook_process is not None:
             sup.ctx.internal_fds.add(self._hook_process.sock.fileno())

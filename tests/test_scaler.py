@@ -73,3 +73,44 @@ def test_no_tick_forks_past_max_workers_or_asks_a_negative_count(alive: int, idl
     assert 0 <= step.spawn <= max(0, workers - alive)
     assert step.retire >= 0
     assert s.next_tick >= now and not math.isnan(s.next_tick)
+
+
+def test_work_waiting_outside_the_queue_reaches_the_policy_as_queued() -> None:
+    """``Supervisor(waiting=...)`` (prefork serve's listen queue): the policy sees it in ``queued``;
+    a waiting() that raises is logged and the policy sees the queue alone."""
+    import time as _time
+
+    from prefork._supervisor import Supervisor
+    from prefork.config import load_config
+    from prefork.strategies.scaling import Decision, PoolStats
+
+    seen: list[int] = []
+
+    class Recording:
+        name = "recording"
+
+        def max_workers(self) -> int:
+            return 1
+
+        def decide(self, stats: PoolStats) -> Decision:
+            seen.append(stats.queued)
+            return Decision(next_tick=0.01)
+
+    calls = iter([7, 7, RuntimeError("kernel says no")])
+
+    def waiting() -> int:
+        value = next(calls, 3)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    sup = Supervisor(load_config(None, {"scaling.workers": 1}), threaded=False, waiting=waiting)
+    sup._scaler.replace_policy(Recording())
+    sup.start()
+    try:
+        end = _time.monotonic() + 5
+        while len(seen) < 5 and _time.monotonic() < end:
+            sup.step(0.02)
+    finally:
+        sup.shutdown()
+    assert seen[:2] == [7, 7] and seen[2] == 0 and seen[3] == 3, seen
