@@ -46,7 +46,12 @@ class PoolLoop(WorkerIO):
     _sleeping: bool
     _spawner_fds: set[int]
     _cancels: deque[Task]
-    _reloads: deque[str]
+    _reloads: deque[tuple[str, bool]]
+    _chain: deque[int]  # serials of the workers a chain reload has yet to replace
+    _chain_reason: str
+    _chain_current: int  # the serial of the worker it retired last (0: none)
+    _chain_target: int  # workers serving when it began: each step waits for the pool to be back there
+    _chain_ticks: int  # the policy's tick count when the last one left (-1: it has not yet)
     endpoints: Endpoints
     _serials: Any
     _states: tuple[int, ...]
@@ -88,7 +93,14 @@ class PoolLoop(WorkerIO):
         if self._cancels:
             self._do_cancels()
         while self._reloads:
-            self._retire_every_worker(self._reloads.popleft())
+            reason, chain = self._reloads.popleft()
+            if chain:
+                self._chain = deque(w.serial for w in self.table.all() if w.state != RETIRING)
+                self._chain_reason, self._chain_current, self._chain_target = reason, 0, len(self._chain)
+            else:
+                self._retire_every_worker(reason)
+        if self._chain or self._chain_current:
+            self._advance_chain()
         for event in self.spawner.take_ready():
             self._on_spawner_event(event)
         if self._inline is not None:
@@ -225,6 +237,32 @@ class PoolLoop(WorkerIO):
             while not w.eof and w.channel is not None and self._read_channel(w) and reads < _DRAIN_READS:
                 reads += 1
             self._judge(w)
+
+    def _advance_chain(self) -> None:
+        """A chain reload's next step: the worker retired last has left and none is booting
+        (its replacement is ready): retire the next one still there."""
+        workers = {w.serial: w for w in self.table.all()}
+        if self._chain_current in workers or any(w.state == BOOTING for w in workers.values()):
+            self._chain_ticks = -1
+            return
+        if self._chain_current:
+            serving = sum(1 for w in workers.values() if w.state == READY)
+            if serving < self._chain_target:  # its replacement is not up yet, unless the policy wants none
+                if self._chain_ticks < 0:
+                    self._chain_ticks = self._scaler.ticks
+                    self._scaler.soon()
+                if self._scaler.ticks <= self._chain_ticks:
+                    return  # the policy has not looked since it left
+        self._chain_current, self._chain_ticks = 0, -1
+        if self._closing:
+            self._chain.clear()
+            return
+        while self._chain:
+            w = workers.get(self._chain.popleft())
+            if w is not None and w.state != RETIRING:
+                self._retire(w, self._chain_reason, "reload")
+                self._chain_current = w.serial
+                return
 
     def _retire_every_worker(self, reason: str) -> None:
         for w in self.table.all():

@@ -44,6 +44,7 @@ class Scaler:
         self.last_spawn = -math.inf
         self.not_before = 0.0  #: no fork before this time (boot failures back off)
         self.boot_failures = 0  #: in a row
+        self.ticks = 0  #: times the policy was asked
 
     def due(self, now: float, queued: int) -> bool:
         """Is a tick due: its time has come, or tasks wait (the policy may fork for them)."""
@@ -61,6 +62,7 @@ class Scaler:
             longest_idle=count.longest_idle, spawn_rate=self.spawn_rate,
         )
         decision = self.policy.decide(stats)
+        self.ticks += 1
         self.spawn_rate = decision.spawn_rate
         self.next_tick = now + (decision.next_tick if decision.next_tick is not None else 1.0)
         spawn = 0

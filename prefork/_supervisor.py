@@ -1,33 +1,23 @@
-"""The supervisor: one loop that owns the workers and the queue.
+"""The supervisor: one loop that owns the workers and the queue (docs/design.md has the map).
 
-Data flow::
-
-    caller threads                     supervisor loop (thread, or stepped)          workers
-    --------------                     ------------------------------------          -------
-    submit() --payload--> queue ----> dispatch: CALLS frame per ready worker ----> call loop
-        |                 (deque)      (batched when the queue is deep)               |
-        '-- sink.attach() -> handle                                                    v
-                                       read RESULTS frames <------------------- RESULTS frames
-                                       sink.deliver(task, ok, value)  (exactly once per task)
-                                       |
-    spawner (fork server or direct) -->| ("spawned", ...) / ("exited", pid, status) events
-    scoreboard (shared memory) ------->| which task a dead worker had started; idle/busy
-    scaling policy <-- PoolStats ------| decide(): spawn n / retire n / next tick
+    submit() -> queue -> dispatch: CALLS frames to ready workers -> call loop (worker)
+    sink.deliver(task, ok, value), once per task <- RESULTS frames <--------'
+    spawner (fork server or direct) -> Spawned / SpawnFailed / Exited events
+    scoreboard (shared memory): which task a dead worker had started; idle/busy
+    scaling policy: decide(PoolStats) -> spawn n / retire n / next tick
 
 The loop waits in one ``select`` on the wakeup pipe, the spawner's descriptors
-and every worker channel.  A worker is judged dead only when its channel has
-reached end of stream (so every result it wrote was read) and its exit status
-is known.  Then each task it held either is failed (it had started: WorkerLost)
-or goes back to the front of the queue (it never reached user code).
+and every worker channel.  A worker is judged once its exit status is known and
+its channel was read to the end (or as far as a bounded drain goes: a daemon it
+left behind may hold the channel open); each task it held then fails (it had
+started: WorkerLost) or goes back to the front of the queue (it never did).
 
-The supervisor is layered: this module is the public API (construction,
-``submit``, ``shutdown``, ``step``, run-time control); ``prefork._loop`` the loop's
-spawning, timers, scaling and shutdown stages; ``prefork._worker_io`` the
-channels, outcomes and deaths.  The decisions are made by parts with no I/O:
-``prefork._ledger`` (tasks), ``prefork._workers`` (workers), ``prefork._dispatch``
-(which task goes where), ``prefork._scaler`` (when and how to scale).
+Layers: this module is the public API (construction, ``submit``, ``shutdown``,
+``step``, run-time control); ``prefork._loop`` spawning, timers, scaling and
+shutdown; ``prefork._worker_io`` channels, outcomes and deaths.  Decisions are
+made by parts with no I/O: ``_ledger`` (tasks), ``_workers`` (workers),
+``_dispatch`` (which task goes where), ``_scaler`` (when to scale).
 """
-
 from __future__ import annotations
 
 import itertools
@@ -148,7 +138,6 @@ class Supervisor(PoolLoop):
         self.kill_grace = pool.kill_grace
         self.boot_timeout = pool.boot_timeout
         self.max_boot_failures = pool.max_boot_failures
-        self.max_crash_retries = pool.max_crash_retries
         self.max_worker_age = pool.max_worker_age
         self.threaded = threaded
 
@@ -208,7 +197,8 @@ class Supervisor(PoolLoop):
         self._spawner_fds: set[int] = set()
         self._started = False
         self.endpoints = Endpoints(self)  #: [control]: control socket, metrics, status page
-        self._reloads: deque[str] = deque()  # retire_all() asked it, for the loop to do
+        self._reloads: deque[tuple[str, bool]] = deque()  # retire_all() asked it, for the loop to do
+        self._chain, self._chain_reason, self._chain_current, self._chain_target, self._chain_ticks = deque(), "", 0, 0, -1
         self._cancels: deque[Task] = deque()  # running tasks to stop (KillableFuture.cancel)
         self.one_at_a_time = optional.cancels_running(self.sink)
         if self.one_at_a_time:
@@ -486,10 +476,11 @@ class Supervisor(PoolLoop):
         """Pids of the workers alive now."""
         return self.table.pids()
 
-    def retire_all(self, reason: str) -> None:
-        """Ask every worker to leave once idle; the policy forks their replacements.
-        Safe from any thread (and a signal handler): the loop does it at its next pass."""
-        self._reloads.append(reason)  # atomic: never waits for a lock a signal handler may have interrupted
+    def retire_all(self, reason: str, chain: bool = False) -> None:
+        """Ask every worker to leave once idle; the policy forks their replacements.  ``chain``:
+        one at a time, the next once the last has left and no worker is booting.  Safe from
+        any thread (and a signal handler): the loop does it at its next pass."""
+        self._reloads.append((reason, chain))  # atomic: never waits for a lock a signal handler may have interrupted
         self._wake()
 
     def stats(self) -> dict[str, int]:

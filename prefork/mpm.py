@@ -350,13 +350,14 @@ class MPM:
         self._sup.update_policy(min_spare=min_spare, max_spare=max_spare)
         self._after_start = None
 
-    def reload(self) -> None:
+    def reload(self, chain: bool = False) -> None:
         """Replace every child: new ones are forked while the old ones finish their
         current work and leave (SIGHUP in ``prefork serve``).  The new ones are
         those the scaling policy wants once the old ones stopped counting: with
-        ``min_spare = 0``, none until a child is wanted."""
+        ``min_spare = 0``, none until a child is wanted.  ``chain``: one child at a
+        time, the next once the last one left and its replacement is up."""
         if self._sup is not None:
-            self._sup.retire_all("reload")
+            self._sup.retire_all("reload", chain=chain)
 
 
 # -- the seed's functions -------------------------------------------------------------------------

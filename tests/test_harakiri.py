@@ -73,3 +73,54 @@ def test_children_busy_less_long_than_the_timeout_are_never_killed(caplog: pytes
     finally:
         m.done()
     assert not [r for r in caplog.records if "was busy for" in r.getMessage()]
+
+
+def idle_forever() -> None:
+    while True:
+        time.sleep(0.05)
+
+
+def test_a_chain_reload_replaces_children_one_at_a_time_and_never_leaves_fewer_than_all_but_one() -> None:
+    m = MPM(start_servers=3, min_spare_servers=3, max_spare_servers=3, max_servers=4,
+            overrides={"scaling.tick": 0.05, "pool.graceful_timeout": 5.0})
+    try:
+        end = time.monotonic() + 10
+        while len(m.pids()) < 3 and time.monotonic() < end:
+            m.whip_kids(idle_forever, (), timeout=0.05)
+        old = set(m.pids())
+        assert len(old) == 3
+        m.reload(chain=True)
+        most_stopping = 0
+        fewest_serving = 3
+        end = time.monotonic() + 20
+        while old & set(m.pids()) and time.monotonic() < end:
+            m.whip_kids(idle_forever, (), timeout=0.02)
+            totals = m.status()["totals"]
+            most_stopping = max(most_stopping, totals["stopping"])
+            fewest_serving = min(fewest_serving, totals["idle"] + totals["busy"])
+        assert not old & set(m.pids()), "not every child was replaced"
+        assert most_stopping == 1, "children were replaced more than one at a time"
+        assert fewest_serving >= 2
+        exits = m.status()["totals"]["exits"]
+        assert exits.get("reload") == 3
+    finally:
+        m.done()
+
+
+def test_a_chain_reload_moves_on_when_the_policy_wants_no_replacement() -> None:
+    """With min_spare = 0 the policy forks no replacement: each step waits for one look of the
+    policy, not forever."""
+    m = MPM(start_servers=3, min_spare_servers=0, max_spare_servers=3, max_servers=3,
+            overrides={"scaling.tick": 0.05, "pool.graceful_timeout": 5.0})
+    try:
+        end = time.monotonic() + 10
+        while len(m.pids()) < 3 and time.monotonic() < end:
+            m.whip_kids(idle_forever, (), timeout=0.05)
+        assert len(m.pids()) == 3
+        m.reload(chain=True)
+        end = time.monotonic() + 10
+        while m.status()["totals"]["exits"].get("reload", 0) < 3 and time.monotonic() < end:
+            m.whip_kids(idle_forever, (), timeout=0.02)
+        assert m.status()["totals"]["exits"].get("reload", 0) == 3
+    finally:
+        m.done()
