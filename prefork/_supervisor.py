@@ -76,7 +76,7 @@ class Supervisor(PoolLoop):
     into the caller's code instead (``ForkedChild`` is raised in the child).  ``threaded=False`` leaves the loop to the caller (``step``).
     ``plugins`` are hook implementations for this pool alone (a facade's own).  ``waiting()``
     counts work waiting outside the queue (``prefork serve``: its listen queue), added to
-    what the scaling policy sees as ``queued``.
+    what the scaling policy sees as ``queued``.  ``private_fds`` are the caller's: workers close them.
     """
 
     def __init__(
@@ -94,6 +94,7 @@ class Supervisor(PoolLoop):
         return_in_child: bool = False,
         plugins: tuple[object, ...] = (),
         waiting: Callable[[], int] | None = None,
+        private_fds: tuple[int, ...] = (),
     ) -> None:
         self.config = config
         pool = config.pool
@@ -187,7 +188,7 @@ class Supervisor(PoolLoop):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.ctx.internal_fds.update((self._wake_r, self._wake_w, self._sel.fileno()))
+        self.ctx.internal_fds.update((self._wake_r, self._wake_w, self._sel.fileno(), *private_fds))
         if pool.fork_from == "direct" or return_in_child:
             self.spawner: ForkServer | DirectSpawner = DirectSpawner(self.ctx)
         else:

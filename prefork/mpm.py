@@ -173,7 +173,7 @@ class MPM:
 
     def _start(
         self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False,
-        waiting: Callable[[], int] | None = None,
+        waiting: Callable[[], int] | None = None, private_fds: tuple[int, ...] = (),
     ) -> Supervisor:
         if self._hook is not None and self._hook_process is None and not self.config.mpm.data_hook_in_main:
             self._hook_process = _DataHookProcess(self._hook, self.config.name)
@@ -184,7 +184,7 @@ class MPM:
         sup = Supervisor(
             self.config, threaded=False, body=_child_main if body is not None else None,
             body_args=(body, args, self._child_signals), child_signals=self._child_signals,
-            return_in_child=return_in_child, plugins=plugins, waiting=waiting,
+            return_in_child=return_in_child, plugins=plugins, waiting=waiting, private_fds=private_fds,
         )
         if self._hook_process is not None:
             sup.ctx.internal_fds.add(self._hook_process.sock.fileno())
