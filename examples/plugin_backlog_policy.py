@@ -1,6 +1,6 @@
 """A prefork plugin adding a scaling policy: one worker per few tasks in hand.
 
-The ``backlog`` policy sizes the pool to its work: one worker for every
+The ``in-hand`` policy sizes the pool to its work: one worker for every
 ``per_worker`` tasks that are waiting in the queue or running, never fewer than
 ``floor`` workers and never more than ``ceiling``.  A worker beyond what the
 work needs is retired once it has been idle ``idle_timeout`` seconds.
@@ -14,7 +14,7 @@ Use it from ``prefork.toml``::
     plugins = ["examples.plugin_backlog_policy"]
 
     [scaling]
-    name = "backlog"
+    name = "in-hand"
     floor = 1
     ceiling = 8
     per_worker = 4
@@ -45,10 +45,10 @@ def _seconds(instance: Any, attribute: attrs.Attribute[float], value: float) -> 
 
 
 @attrs.frozen
-class BacklogPolicy:
+class InHandPolicy:
     """``ceil((queued + busy) / per_worker)`` workers, kept between ``floor`` and ``ceiling``."""
 
-    name: ClassVar[str] = "backlog"
+    name: ClassVar[str] = "in-hand"
     floor: int = attrs.field(default=1, validator=_count(0), metadata={"doc": "workers always kept"})
     ceiling: int = attrs.field(default=8, validator=_count(1), metadata={"doc": "most workers at once"})
     per_worker: int = attrs.field(
@@ -92,4 +92,4 @@ class BacklogPolicy:
 
 @hookimpl
 def prefork_register_strategies(registry: Any) -> None:
-    registry.register("scaling", BacklogPolicy)
+    registry.register("scaling", InHandPolicy)

@@ -32,6 +32,7 @@ from prefork.strategies.registry import StrategyRegistry
 
 BUILTIN_PLUGINS: Final = (
     "prefork.strategies.scaling",
+    "prefork.strategies.backlog",
     "prefork.strategies.transport",
     "prefork.strategies.serializer",
     "prefork.strategies.resolver",

@@ -67,7 +67,7 @@ def test_defaults_are_the_executor_profile() -> None:
     assert isinstance(cfg.create("resolver"), ChainResolver)
     assert isinstance(cfg.create("sink"), FutureSink)
     assert cfg.create("sink") is not cfg.create("sink")  # a new instance each call
-    assert cfg.registry.names("scaling") == ["fixed", "on-demand", "spare"]
+    assert cfg.registry.names("scaling") == ["backlog", "fixed", "on-demand", "spare"]
     assert cfg.plugin_manager.get_plugin("prefork.strategies.scaling") is not None
     assert cfg.sources["scaling.workers"] == "profile 'executor'"
 
@@ -243,7 +243,7 @@ def test_file_errors(text: str, message: str) -> None:
          "(available: boss-worker, dispatcher, executor, mpm)"),
         ({"pool.nope": 1}, "keyword arguments: pool.nope: unknown key"),
         ({"name": "x", "name.y": 1}, "keyword arguments: name = 'x': must be a table to set name.y"),
-        ({"scaling.name": 3}, "keyword arguments: scaling.name = 3: must be a strategy name (known: fixed, on-demand, spare)"),
+        ({"scaling.name": 3}, "keyword arguments: scaling.name = 3: must be a strategy name (known: backlog, fixed, on-demand, spare)"),
         ({"sink": {"name": "callback", "callback": "no_such_mod_x:fn"}},
          "keyword arguments: sink: cannot create the sink strategy 'callback': No module named 'no_such_mod_x'"),
         ({"pool..x": 1},

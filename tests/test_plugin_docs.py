@@ -58,7 +58,7 @@ from examples import (  # noqa: E402
     plugin_zlib_transport,
     plugin_zpickle_serializer,
 )
-from examples.plugin_backlog_policy import BacklogPolicy  # noqa: E402
+from examples.plugin_backlog_policy import InHandPolicy  # noqa: E402
 from examples.plugin_tickets_sink import Expired, TicketSink  # noqa: E402
 from examples.plugin_zpickle_serializer import ZpickleSerializer  # noqa: E402
 
@@ -171,14 +171,14 @@ def test_backlog_grows_with_the_work_and_shrinks_when_idle(tmp_path: Path) -> No
         None,
         {
             "plugins": ["examples.plugin_backlog_policy"],
-            "scaling.name": "backlog",
+            "scaling.name": "in-hand",
             "scaling.floor": 1,
             "scaling.ceiling": 3,
             "scaling.per_worker": 1,
             "scaling.idle_timeout": 0.2,
         },
     )
-    assert isinstance(config.create("scaling"), BacklogPolicy)
+    assert isinstance(config.create("scaling"), InHandPolicy)
     gate = tmp_path / "gate"
     with Executor(config=config) as pool:
         wait_until(lambda: len(pool.pids()) == 1, WAIT, what="the floor's one worker")
@@ -197,7 +197,7 @@ def test_backlog_options_are_checked_with_their_location() -> None:
             None,
             {
                 "plugins": ["examples.plugin_backlog_policy"],
-                "scaling.name": "backlog",
+                "scaling.name": "in-hand",
                 "scaling.floor": 5,
                 "scaling.ceiling": 2,
             },

@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # examples.* by import path, as from the project root
 
-from examples.plugin_backlog_policy import BacklogPolicy  # noqa: E402
+from examples.plugin_backlog_policy import InHandPolicy  # noqa: E402
 
 WAIT = 30.0
 
@@ -325,9 +325,9 @@ def test_a_users_policy_by_import_path_from_python_and_from_the_command_line(tmp
 
 def test_a_plugin_policy_class_and_a_config_file_work_like_everywhere_else(tmp_path: Path) -> None:
     trace = Trace.from_rows([(1.0, 2.0)] * 8)
-    backlog = simulate("examples.plugin_backlog_policy:BacklogPolicy", trace)
-    assert isinstance(backlog.policy, BacklogPolicy) and backlog.peak_workers == 2  # 8 tasks / per_worker 4
-    assert simulate(BacklogPolicy, trace).forks == backlog.forks  # a class, as in code
+    backlog = simulate("examples.plugin_backlog_policy:InHandPolicy", trace)
+    assert isinstance(backlog.policy, InHandPolicy) and backlog.peak_workers == 2  # 8 tasks / per_worker 4
+    assert simulate(InHandPolicy, trace).forks == backlog.forks  # a class, as in code
     toml = tmp_path / "prefork.toml"
     toml.write_text('[scaling]\nname = "on-demand"\npre_fork = 1\nmax_forks = 3\nspawn_delay = 0.0\n', encoding="utf-8")
     from_file = simulate(load_config(toml), trace)
@@ -589,7 +589,7 @@ policies = st.one_of(
                             tick=st.floats(0.01, 2.0))
     ),
     st.integers(1, 5).flatmap(
-        lambda ceiling: st.builds(BacklogPolicy, floor=st.integers(0, ceiling), ceiling=st.just(ceiling),
+        lambda ceiling: st.builds(InHandPolicy, floor=st.integers(0, ceiling), ceiling=st.just(ceiling),
                                   per_worker=st.integers(1, 4), idle_timeout=seconds)
     ),
 )

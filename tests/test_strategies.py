@@ -58,7 +58,7 @@ class TestPolicies(ScalingContract):
 
 
 def test_every_kind_has_builtins() -> None:
-    assert set(_all("scaling")) == {"fixed", "on-demand", "spare"}
+    assert set(_all("scaling")) == {"fixed", "on-demand", "spare", "backlog"}
     assert set(_all("serializer")) == {"pickle", "cloudpickle", "json"}
     assert set(_all("resolver")) == {"methods", "classes", "import", "chain", "xmlrpc"}
     assert set(_all("sink")) == {"callback", "queue", "future"}
