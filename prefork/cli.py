@@ -74,8 +74,9 @@ def _operable(config: Config) -> Config:
     config says ``[control] enabled = false``; named after its app unless named."""
     if "control.enabled" not in config.sources:
         config = attrs.evolve(config, control=attrs.evolve(config.control, enabled=True))
-    if _named_by_profile(config) and config.app:
-        module = config.app.partition(":")[0]
+    app = config.app or config.mpm.wsgi
+    if _named_by_profile(config) and app:
+        module = app.partition(":")[0]
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", module).lstrip(".-")[:64] or config.name
         config = attrs.evolve(config, name=name, sources={**config.sources, "name": DERIVED})
     return config
@@ -147,6 +148,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _logging.configure(args.log_level, args.log_format)
     _logging.set_role("supervisor")
     config = _operable(_load(args))
+    if config.mpm.wsgi:
+        raise ConfigError(f"mpm.wsgi = {config.mpm.wsgi!r} is for `prefork serve`; `prefork run` starts app = "
+                          "\"module:callable\" with the pool")
     if not config.app:
         raise ConfigError(
             f"{_config_path(args.config) or 'the configuration'}: app is empty; "
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (
         ("run", cmd_run, "start the app the config names"),
-        ("serve", cmd_serve, "a prefork TCP server: children accept on mpm.bind and call app(conn, addr)"),
+        ("serve", cmd_serve, "a prefork server: children accept on mpm.bind and serve a WSGI app over HTTP/1.1 "
+                             "(--wsgi) or call app(conn, addr)"),
         ("check", cmd_check, "validate a config and print the merged result"),
         ("plugins", cmd_plugins, "list plugins and the strategies and hooks each provides"),
     ):

@@ -7,6 +7,9 @@
     bind mpm.bind ── listener, inherited by every child ──►  _serve_body: select(listener, channel)
     MPM.from_config(config), children run _serve_body         accept ─► busy() ─► app(conn, addr)
     loop:                                                      ─► idle() (leaves here when asked)
+                                                             or, with mpm.wsgi, accept ─► the WSGI
+                                                               handler (prefork._wsgi): busy() and
+                                                               idle() around each HTTP request
       _SignalDesk.handle: the signals since the last pass,
         in order (SIGHUP reload, SIGTTIN/SIGTTOU spares,
         SIGINT/SIGTERM stop)
@@ -14,8 +17,9 @@
 
 Log records go to ``prefork.serve``: the address it listens on (INFO), a
 connection cut off by ``mpm.read_timeout`` (WARNING), an app that raised
-(ERROR, with its traceback), a signal that changed nothing (WARNING), children
-that cannot boot (ERROR).
+(ERROR, with its traceback; for WSGI with the method and path), a signal that
+changed nothing (WARNING), children that cannot boot (ERROR); for WSGI also a
+refused request or a client gone (INFO).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from prefork import _logging
+from prefork._listen_queue import listen_backlog
 from prefork._proctitle import set_title
 from prefork._supervisor import Supervisor
+from prefork._upgrade import Successor, announce_ready, inherited_listener, ready_fd
 from prefork._worker import current_worker
 from prefork.config import Config
-from prefork.errors import PreforkError
+from prefork.errors import ConfigError
 from prefork.mpm import MPM
 from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import OnDemandPolicy, SparePolicy
@@ -47,8 +53,13 @@ __all__ = ["serve"]
 log = logging.getLogger("prefork.serve")
 
 
-def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float) -> None:
+def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float,
+                wsgi: bool = False) -> None:
     """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle.
+
+    A WSGI handler (``prefork._wsgi``) marks each request busy and idle itself
+    and leaves between two requests; it is given the wakeup pipe, so that a
+    SIGTERM ends its wait on an idle keep-alive connection.
 
     Each connection gets ``read_timeout`` (``mpm.read_timeout``, 0: none) as its
     socket timeout: a read or write on it that waits that long raises
@@ -67,6 +78,12 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
         me.leaving = me.leaving or "asked to leave (SIGTERM)"
 
     signal.signal(signal.SIGTERM, on_term)
+    per_request = wsgi
+    if wsgi:
+        from prefork._wsgi import WSGIHandler  # imported by serve() already
+
+        assert isinstance(handler, WSGIHandler)
+        handler.wakeup_fd = wake_r
     listener.setblocking(False)
     channel = me._channel
     sel = selectors.DefaultSelector()
@@ -90,7 +107,8 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
             except (BlockingIOError, InterruptedError):
                 continue  # another child took it
             conn.settimeout(read_timeout or None)
-            me.busy()
+            if not per_request:
+                me.busy()
             try:
                 handler(conn, addr)
             except TimeoutError as exc:
@@ -100,19 +118,30 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
                 log.exception("worker %d: the app failed on the connection from %s; closed", os.getpid(), addr)
             finally:
                 conn.close()
-            me.idle()  # leaves here when it must
+            if not per_request:
+                me.idle()  # leaves here when it must
+            elif me.leaving:
+                me.exit(0, reason=me.leaving)
+
+
+def _source(config: Config, key: str) -> str:
+    return config.sources.get(key) or config.sources.get(key.rpartition(".")[0]) or "the configuration"
 
 
 def _refuse(config: Config, key: str, value: Any, reason: str) -> NoReturn:
-    source = config.sources.get(key) or config.sources.get(key.rpartition(".")[0]) or "the configuration"
-    raise PreforkError(f"{source}: {key} = {value!r}: {reason}")
+    raise ConfigError(f"{_source(config, key)}: {key} = {value!r}: {reason}")
 
 
 def _check_serve_config(config: Config) -> None:
     """Refuse what would leave ``prefork serve`` without a child to accept, or
     silently override a setting: one line naming the source, key, value and reason."""
-    if not config.app:
-        raise PreforkError("app is empty: set app = \"module:handle\", called as handle(conn, addr) in a child")
+    if config.app and config.mpm.wsgi:
+        raise ConfigError(f"{_source(config, 'app')}: app = {config.app!r} and {_source(config, 'mpm.wsgi')}: "
+                          f"mpm.wsgi = {config.mpm.wsgi!r} are both set: prefork serve runs handle(conn, addr) or a "
+                          "WSGI app, not both; unset one")
+    if not config.app and not config.mpm.wsgi:
+        raise ConfigError("app is empty, and so is mpm.wsgi: set app = \"module:handle\", called as handle(conn, addr) "
+                          "in a child, or mpm.wsgi = \"module:app\", a WSGI application")
     pol = config.create("scaling")
     always = "a server always keeps a child to accept connections (a reload or SIGTTOU would otherwise leave none)"
     if isinstance(pol, SparePolicy):
@@ -134,7 +163,7 @@ def _check_serve_config(config: Config) -> None:
 _STOP = (signal.SIGINT, signal.SIGTERM)
 #: seconds between two logs of the same note ("SIGTTOU changed nothing...")
 _NOTE_EVERY = 5.0
-_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, *_STOP)
+_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2, *_STOP)
 
 
 class _SignalDesk:
@@ -148,6 +177,7 @@ class _SignalDesk:
         self.pending: deque[int] = deque()  # appended by the handlers; popleft() is atomic
         self.stop = False
         self.reload_wanted = False
+        self.upgrade_wanted = False
         self._reload_spawned = -1  # spawned_total when the reload under way began (-1: none)
         self._said: dict[str, float] = {}  # note -> when it was last logged
 
@@ -172,12 +202,14 @@ class _SignalDesk:
                 self.stop = True
             elif signum == signal.SIGHUP:
                 self.reload_wanted = True
+            elif signum == signal.SIGUSR2:
+                self.upgrade_wanted = True
             else:
                 self._move_spares(1 if signum == signal.SIGTTIN else -1, notes)
         if self.reload_wanted and not self.stop and not self._reloading(sup):
             self.reload_wanted = False
             self._reload_spawned = sup.stats()["spawned_total"]
-            self.mpm.reload()
+            self.mpm.reload(chain=True)  # one child at a time: the others keep accepting
         now = time.monotonic()
         for note in sorted(notes):  # once in a while, not once per signal of a storm
             if now - self._said.get(note, -math.inf) >= _NOTE_EVERY:
@@ -200,24 +232,90 @@ class _SignalDesk:
         self.mpm.set_spares(low, high)
 
 
+def _handler(config: Config) -> Callable[[socket.socket, Any], Any]:
+    """What each child calls per connection: the app, or a WSGI app served over HTTP/1.1."""
+    key, spec = ("mpm.wsgi", config.mpm.wsgi) if config.mpm.wsgi else ("app", config.app)
+    try:
+        target = import_object(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
+        _refuse(config, key, spec, f"cannot import it: {exc}")
+    if not callable(target):
+        calls = "app(environ, start_response)" if config.mpm.wsgi else "handle(conn, addr)"
+        _refuse(config, key, spec, f"{type(target).__name__} is not callable; prefork serve calls {calls}")
+    if not config.mpm.wsgi:
+        return cast(Callable[[socket.socket, Any], Any], target)
+    from prefork._wsgi import make_handler  # without h11: MissingExtra, one line
+
+    return make_handler(target, config.mpm)
+
+
+def _children_up(sup: Supervisor) -> bool:
+    stats = sup.stats()
+    return stats["workers"] > 0 and not stats["booting"]
+
+
+class _Upgrade:
+    """SIGUSR2: a new master (this command again) inherits the socket and boots its children;
+    only then does this one drain and exit.  If the new one fails, this one keeps serving."""
+
+    def __init__(self, sup: Supervisor, listener: socket.socket, config: Config) -> None:
+        self.sup, self.listener, self.config = sup, listener, config
+        self.successor: Successor | None = None
+
+    def begin(self) -> None:
+        if self.successor is not None:
+            log.warning("upgrade: one is under way (new master pid %d); SIGUSR2 ignored", self.successor.pid)
+            return
+        self.sup.endpoints.close()  # the new master takes the control socket and the endpoints' ports
+        try:
+            self.successor = Successor.start(self.listener, self.config.pool.boot_timeout)
+        except Exception as exc:
+            log.error("upgrade: the new master could not be started (%s); this master keeps serving", exc)
+            self._take_back()
+
+    def done(self) -> bool:
+        """True once the new master is ready (this one must go)."""
+        if self.successor is None:
+            return False
+        state = self.successor.state()
+        if state == "booting":
+            return False
+        if state == "ready":
+            log.info("upgrade: the new master (pid %d) is ready; draining and leaving", self.successor.pid)
+            return True
+        log.error("upgrade failed: the new master (pid %d): %s; this master keeps serving",
+                  self.successor.pid, self.successor.why)
+        self.successor = None
+        self._take_back()
+        return False
+
+    def _take_back(self) -> None:
+        try:
+            self.sup.endpoints.claim()
+            self.sup.endpoints.start()
+        except Exception:
+            log.exception("after a failed upgrade, the control socket and endpoints could not be taken back")
+
+
 def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> int:
     """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
-    ``app`` as ``handle(conn, addr)``.  SIGHUP: new children, old ones finish and
-    leave; SIGTTIN/SIGTTOU: one more/fewer spare child; SIGINT/SIGTERM: stop.
+    ``app`` as ``handle(conn, addr)``, or serving the WSGI app ``mpm.wsgi`` over
+    HTTP/1.1 (``prefork._wsgi``).  SIGHUP: a chain reload, children replaced one
+    at a time; SIGUSR2: a zero-downtime upgrade (``prefork._upgrade``: a new master
+    inherits the socket; this one drains once it is ready); SIGTTIN/SIGTTOU: one
+    more/fewer spare child; SIGINT/SIGTERM: stop.
 
     ``ready(host, port)`` is called once the socket is bound, before any child is
     forked (``prefork serve`` prints the address there).  Returns 0 once stopped
     by a signal, 1 if children cannot boot; a bad setting raises
     :class:`~prefork.errors.PreforkError` in one line, before anything is bound."""
     _check_serve_config(config)
-    try:
-        handler = import_object(config.app)
-    except (ImportError, AttributeError, ValueError) as exc:
-        _refuse(config, "app", config.app, f"cannot import it: {exc}")
-    if not callable(handler):
-        _refuse(config, "app", config.app, f"{type(handler).__name__} is not callable; prefork serve calls handle(conn, addr)")
-    host, _, port = config.mpm.bind.rpartition(":")
-    listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    handler = _handler(config)
+    listener = inherited_listener()  # an upgrade: the old master's socket
+    if listener is None:
+        host, _, port = config.mpm.bind.rpartition(":")
+        listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    tell_old = ready_fd()  # an upgrade: the old master waits for our word
     mpm = MPM.from_config(config)
     desk = _SignalDesk(mpm)
     _logging.set_role("supervisor")
@@ -229,16 +327,21 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
     code = 0
     try:
         bound_host, bound_port = listener.getsockname()[:2]
-        log.info("listening on %s:%d (app %s)", bound_host, bound_port, config.app)
+        log.info("listening on %s:%d (%s)", bound_host, bound_port,
+                 f"WSGI app {config.mpm.wsgi}" if config.mpm.wsgi else f"app {config.app}")
         if ready is not None:
             ready(bound_host, bound_port)
-        sup = mpm._start(_serve_body, (listener, handler, config.mpm.read_timeout))
+        probe = listener
+        waiting = (lambda: listen_backlog(probe) or 0) if listen_backlog(listener) is not None else None
+        sup = mpm._start(_serve_body, (listener, handler, config.mpm.read_timeout, bool(config.mpm.wsgi)),
+                         waiting=waiting, private_fds=(tell_old,) if tell_old >= 0 else ())
         # A signal's C handler writes its number to the loop's wake pipe, so select()
         # returns at once.  Through a copy of the pipe's end that this function owns:
         # it stays valid until the wakeup fd is put back, whatever the supervisor closes.
         wake = os.dup(sup.wakeup_fd)
         sup.ctx.internal_fds.add(wake)
         old_wake = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+        upgrade = _Upgrade(sup, listener, config)
         while True:
             desk.handle(sup)
             if desk.stop:
@@ -247,7 +350,16 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
                 log.error("stopping: %s", sup.broken)
                 code = 1
                 break
-            sup.step(1.0)
+            if tell_old >= 0 and _children_up(sup):
+                announce_ready(tell_old)
+                tell_old = -1
+                log.info("upgrade: this master (pid %d) is ready; the old one drains and exits", os.getpid())
+            if desk.upgrade_wanted:
+                desk.upgrade_wanted = False
+                upgrade.begin()
+            if upgrade.done():
+                break  # the new master serves: this one drains and exits
+            sup.step(0.1 if upgrade.successor is not None else 1.0)
     finally:
         if wake >= 0:
             signal.set_wakeup_fd(old_wake)

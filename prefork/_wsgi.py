@@ -1,0 +1,475 @@
+"""WSGI (PEP 3333) over HTTP/1.1 for ``prefork serve``, one connection at a time per child.
+
+::
+
+    accept (serve.py) ─► WSGIHandler(sock, addr)
+      read_head: h11 events up to a Request       limits: header_timeout, max_header_bytes, max_headers,
+        (400/408/413/431 answered, then closed)     max_body as declared
+      busy() ─► app(environ, start_response)
+        wsgi.input ◄─ h11 Data ◄─ recv            read_timeout a wait, max_body as it streams, 100 Continue
+        start_response/write/body ─► h11 ─► send  the head with the first block; chunked without a length
+      the body's close(), the unread body drained, idle(): where a child leaves (SIGTERM, budget, memory)
+      keep-alive: the next request within keepalive_timeout (a SIGTERM ends the wait)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from typing import Any, Final
+from urllib.parse import unquote_to_bytes
+
+from prefork._worker import WorkerHandle, current_worker
+from prefork.config.model import MPMConfig
+from prefork.errors import MissingExtra
+
+try:
+    import h11
+except ImportError as exc:  # pragma: no cover - without the extra
+    raise MissingExtra("prefork serve's WSGI needs h11, which is not installed: pip install 'prefork[wsgi]'",
+                       name="h11") from exc
+
+__all__ = ["FileWrapper", "RequestError", "WSGIHandler", "make_handler"]
+
+log = logging.getLogger("prefork.serve")
+
+_RECV: Final = 65536  #: bytes asked of one recv()
+_DRAIN: Final = 65536  #: most unread request body read and dropped after a response, to keep the connection
+#: seconds a closing connection reads what still comes: unread bytes make the close a reset, which can lose our answer
+_LINGER: Final = 2.0
+#: hop-by-hop headers an application may not set (PEP 3333); Connection is allowed (``close``)
+_HOP: Final = frozenset({b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+                         b"transfer-encoding", b"upgrade"})
+
+
+class RequestError(OSError):
+    """``wsgi.input`` cannot read the body; ``status`` answers it if the response has not begun:
+    400 malformed, 408 a wait over read_timeout, 413 over max_body, 0 the client is gone."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: a file as an iterable of ``blksize`` blocks, closed with the body."""
+
+    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
+        self.filelike, self.blksize = filelike, blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(lambda: self.filelike.read(self.blksize), b"")
+
+
+def _readable(fd: Any, timeout: float) -> bool:
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(timeout * 1000))
+
+
+class _Conn:
+    """One client connection: its socket, its h11 state, the limits, and what went wrong."""
+
+    def __init__(self, sock: socket.socket, addr: Any, cfg: MPMConfig) -> None:
+        self.sock, self.cfg = sock, cfg
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
+        self.timeout = cfg.read_timeout or None
+        self.problem: RequestError | None = None  #: the client failed us: timeout, gone, bad body, too large
+        self.linger = False  #: a refusal was sent: read what the client still sends before closing
+        self.declared: int | None = 0  #: the request's Content-Length (None: chunked)
+        self.received = 0  #: body bytes read of this request
+        here = sock.getsockname() if sock.family in (socket.AF_INET, socket.AF_INET6) else ("localhost", 0)
+        peer = addr if isinstance(addr, tuple) else ("", 0)
+        self.client = f"{peer[0]}:{peer[1]}"
+        self.base: dict[str, Any] = {
+            "SCRIPT_NAME": "", "SERVER_NAME": str(here[0]), "SERVER_PORT": str(here[1]),
+            "REMOTE_ADDR": str(peer[0]), "REMOTE_PORT": str(peer[1]), "CONTENT_TYPE": "", "CONTENT_LENGTH": "",
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr, "wsgi.multithread": False,
+            "wsgi.multiprocess": True, "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,
+        }  # fmt: skip
+
+    def _recv(self, timeout: float | None, size: int = _RECV) -> int:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(size)
+        self.h11.receive_data(data)
+        return len(data)
+
+    def read_head(self, deadline: float) -> h11.Request | None:
+        """The next request's head by ``deadline``, within the limits; None: none (closed, or refused)."""
+        cfg = self.cfg
+        pending = len(self.h11.trailing_data[0])  # pipelined bytes already read
+        fed = 0
+        self.method = ""
+        request = None
+        try:
+            while not isinstance(event := self.h11.next_event(), h11.Request):
+                if event is not h11.NEED_DATA:
+                    return None  # ConnectionClosed
+                if (left := deadline - time.monotonic()) <= 0:
+                    raise TimeoutError
+                room = cfg.max_header_bytes + 1 - pending - fed  # h11 says 431 once its buffer is past the limit
+                fed += self._recv(left, max(1, min(_RECV, room)))
+            request, self.method = event, event.method.decode("latin-1")
+            refusal = self._check(event, pending + fed - len(self.h11.trailing_data[0]))
+        except TimeoutError:
+            if not pending + fed:
+                return None
+            refusal = 408, f"no whole request line and headers within mpm.header_timeout = {cfg.header_timeout:g} s"
+        except h11.RemoteProtocolError as exc:
+            refusal = exc.error_status_hint, f"malformed request: {exc}"
+            if exc.error_status_hint == 431:
+                refusal = 431, f"request line and headers longer than mpm.max_header_bytes = {cfg.max_header_bytes}"
+        except OSError:
+            return None  # reset by the client
+        if refusal is None:
+            return request
+        log.info("worker %d: %s from %s refused: %d, %s", os.getpid(), self.method or "-", self.client, *refusal)
+        self.refuse(*refusal)
+        return None
+
+    def _check(self, request: h11.Request, head: int) -> tuple[int, str] | None:
+        """A request head's limits: None, or the status and reason to refuse it with."""
+        cfg = self.cfg
+        self.received, self.declared = 0, 0
+        if head > cfg.max_header_bytes:
+            return 431, f"request line and headers of {head} bytes, over mpm.max_header_bytes = {cfg.max_header_bytes}"
+        if len(request.headers) > cfg.max_headers:
+            return 431, f"{len(request.headers)} header fields, more than mpm.max_headers = {cfg.max_headers}"
+        for name, value in request.headers:
+            if b"_" in name:
+                return 400, (f"header name {name.decode('latin-1')!r} has '_': refused, as in the WSGI environ it "
+                             "would read like the same name with '-'")
+            if name == b"content-length":
+                self.declared = int(value)
+            elif name == b"transfer-encoding":
+                self.declared = None
+        if cfg.max_body and (self.declared or 0) > cfg.max_body:
+            return 413, f"a request body of {self.declared} bytes, more than mpm.max_body = {cfg.max_body}"
+        return None
+
+    def body_chunk(self) -> bytes:
+        """The next piece of the request body, b"" at its end; RequestError if it cannot be read."""
+        h, limit = self.h11, self.cfg.max_body
+        try:
+            if self.problem is not None:
+                raise self.problem
+            if h.they_are_waiting_for_100_continue:
+                self.send(h.send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])))
+            while not isinstance(event := h.next_event(), h11.Data) or not event.data:
+                if event is h11.NEED_DATA:
+                    self._recv(self.timeout)
+                elif not isinstance(event, h11.Data):
+                    return b""  # EndOfMessage, then PAUSED
+            self.received += len(event.data)
+            if limit and self.received > limit:
+                raise RequestError(413, f"the request body is longer than mpm.max_body = {limit}")
+            return event.data
+        except RequestError as exc:
+            self.problem = exc
+        except TimeoutError:
+            self.problem = RequestError(408, f"the client sent nothing for mpm.read_timeout = {self.timeout} s")
+        except h11.RemoteProtocolError as exc:
+            self.problem = RequestError(400, f"malformed request body: {exc}")
+        except OSError as exc:
+            self.problem = self.problem or RequestError(0, f"the client went away: {exc}")
+        raise self.problem
+
+    def send(self, out: bytes | bytearray) -> None:
+        """Send; read_timeout bounds each wait (sendall's, the whole); an OSError marks the client gone."""
+        data = memoryview(out)
+        try:
+            self.sock.settimeout(self.timeout)
+            while data:
+                data = data[self.sock.send(data):]
+        except OSError as exc:
+            self.h11.send_failed()
+            self.problem = self.problem or RequestError(
+                408 if isinstance(exc, TimeoutError) else 0, f"the client did not take the response: {exc!r}")
+            raise
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer ``status``, ``reason`` as a text body, and ``Connection: close`` if h11 still may."""
+        self.linger = True
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        phrase = HTTPStatus(status).phrase
+        body = f"{status} {phrase}: {reason}\n".encode()
+        try:
+            out = self.h11.send(h11.Response(status_code=status, reason=phrase, headers=[
+                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
+                ("Connection", "close")]))
+            self.send(out + (b"" if self.method == "HEAD" else self.h11.send(h11.Data(data=body)))
+                      + self.h11.send(h11.EndOfMessage()))
+        except (OSError, h11.LocalProtocolError):
+            pass
+
+    def keeps_alive(self) -> bool:
+        """After a response: drop the unread body (up to _DRAIN bytes), start the next cycle; False: close."""
+        h = self.h11
+        dropped = 0
+        try:
+            while h.our_state is h11.DONE and h.their_state is h11.SEND_BODY and self.problem is None:
+                event = h.next_event()
+                if event is h11.NEED_DATA and (dropped > _DRAIN or not self._recv(self.timeout)):
+                    return False
+                dropped += len(event.data) if isinstance(event, h11.Data) else 0
+        except (h11.RemoteProtocolError, OSError):
+            return False
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            return False
+        h.start_next_cycle()
+        return True
+
+    def close(self) -> None:
+        """Close; first, if the client may still be sending, shut our side and read it out (_LINGER)."""
+        sock = self.sock
+        if sock.fileno() < 0:
+            return
+        try:
+            if self.linger or self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or _readable(sock, 0):
+                sock.shutdown(socket.SHUT_WR)
+                end = time.monotonic() + _LINGER
+                while (left := end - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    if not sock.recv(_RECV):
+                        break
+        except OSError:
+            pass
+        sock.close()
+
+    def environ(self, request: h11.Request) -> dict[str, Any]:
+        env = self.base.copy()
+        path, _, query = request.target.partition(b"?")
+        if not path.startswith(b"/") and b"://" in path:  # absolute form: http://host/path
+            path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2]
+        env.update(REQUEST_METHOD=self.method, PATH_INFO=unquote_to_bytes(path).decode("latin-1"),
+                   QUERY_STRING=query.decode("latin-1"), SERVER_PROTOCOL="HTTP/" + request.http_version.decode())
+        for name, value in request.headers:
+            key = name.decode("latin-1").upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+                if key in env:  # several fields of one name are one value, as RFC 9110 joins them
+                    value = env[key].encode("latin-1") + (b"; " if key == "HTTP_COOKIE" else b",") + value
+            env[key] = value.decode("latin-1")
+        env["wsgi.input"] = _Input(self)
+        return env
+
+
+class _Input:
+    """``wsgi.input``: the body, read from the socket as the app asks; past its end, b"" for ever."""
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn, self._buf, self._eof = conn, bytearray(), False
+
+    def _more(self) -> bool:
+        chunk = b"" if self._eof else self._conn.body_chunk()
+        self._buf += chunk
+        self._eof = not chunk
+        return bool(chunk)
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def read(self, size: int | None = -1) -> bytes:
+        size = -1 if size is None else size
+        while (size < 0 or len(self._buf) < size) and self._more():
+            pass
+        return self._take(len(self._buf) if size < 0 else size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        start = 0
+        while (end := self._buf.find(b"\n", start)) < 0 and (limit < 0 or len(self._buf) < limit):
+            start = len(self._buf)
+            if not self._more():
+                break
+        end = len(self._buf) if end < 0 else end + 1
+        return self._take(end if limit < 0 else min(end, limit))
+
+    def readlines(self, hint: int | None = -1) -> list[bytes]:
+        return list(self)  # PEP 3333: the hint may be ignored
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+
+def _head(status: str, headers: list[tuple[str, str]]) -> h11.Response:
+    """The h11 response of a ``start_response`` call; TypeError or ValueError naming what is wrong."""
+    if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or status[3:4] not in ("", " "):
+        raise ValueError(f"start_response: status {status!r} is not of the form '200 OK'")
+    fields = []
+    for item in headers:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) for s in item)):
+            raise TypeError(f"start_response: header {item!r} is not a (str, str) tuple")
+        if item[0].lower().encode("latin-1") in _HOP:
+            raise ValueError(f"start_response: {item[0]!r} is a hop-by-hop header: the server sets it, not the app")
+        fields.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
+    return h11.Response(status_code=int(status[:3]), reason=status[4:].encode("latin-1"), headers=fields)
+
+
+def _with(head: h11.Response, name: bytes, value: bytes) -> h11.Response:
+    fields = [*head.headers.raw_items(), (name, value)]
+    return h11.Response(status_code=head.status_code, reason=head.reason, headers=fields)
+
+
+class _Response:
+    """``start_response``, ``write()`` and the body: the head goes to h11 with the first block."""
+
+    def __init__(self, conn: _Conn, me: WorkerHandle | None) -> None:
+        self.conn, self.me = conn, me
+        self.head: h11.Response | None = None  #: from start_response; replaceable until started
+        self.started = False  #: h11 has the head: no other status can follow
+        self.out = bytearray()  #: what h11 made, not sent yet
+
+    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., None]:
+        if exc_info is not None:
+            try:
+                if self.started:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.head is not None:
+            raise RuntimeError("start_response called a second time without exc_info (PEP 3333)")
+        self.head = _head(status, headers)
+        return self.write
+
+    def _start(self) -> None:
+        if self.started:
+            return
+        if self.head is None:
+            raise RuntimeError("the WSGI app gave its body (or returned) before calling start_response")
+        conn, head, h = self.conn, self.head, self.conn.h11
+        unread = h.their_state is h11.SEND_BODY and (
+            h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
+        if unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0:
+            head = _with(head, b"connection", b"close")
+        self.started = True
+        self.out += conn.h11.send(head)
+
+    def write(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            raise TypeError(f"the WSGI app gave {type(data).__name__} as body, not bytes")
+        if data:  # the head waits for the first non-empty block: an exc_info may still replace it
+            self._start()
+            if self.conn.method != "HEAD":
+                self.out += self.conn.h11.send(h11.Data(data=data))
+            self.flush()
+
+    def flush(self, end: bool = False) -> None:
+        if end:
+            self._start()
+            self.out += self.conn.h11.send(h11.EndOfMessage())
+        out, self.out = self.out, bytearray()
+        self.conn.send(out)
+
+    def finish(self, result: Iterable[bytes]) -> None:
+        """Send the app's body, then the end of the message."""
+        head = self.head
+        if isinstance(result, (list, tuple)) and head and all(type(b) is bytes for b in result) \
+                and all(n != b"content-length" for n, _ in head.headers):
+            self.head = _with(head, b"content-length", b"%d" % sum(map(len, result)))
+        for block in result:
+            self.write(block)
+        self.flush(end=True)
+
+
+class WSGIHandler:
+    """``handle(conn, addr)`` for ``prefork serve``: the requests of one connection, each
+    between ``busy()`` and ``idle()``; made in the parent, called in the children."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], cfg: MPMConfig) -> None:
+        self.app, self.cfg = app, cfg
+        #: readable when a signal came (serve.py's wakeup pipe): a SIGTERM ends a keep-alive wait
+        self.wakeup_fd = -1
+
+    def __call__(self, sock: socket.socket, addr: Any) -> None:
+        me = current_worker()
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no wait for an ACK between responses
+        conn = _Conn(sock, addr, self.cfg)
+        try:
+            while (request := conn.read_head(time.monotonic() + self.cfg.header_timeout)) is not None:
+                if not self._serve(conn, request, me) or not self._wait(conn, me):
+                    break
+        finally:
+            conn.close()
+
+    def _serve(self, conn: _Conn, request: h11.Request, me: WorkerHandle | None) -> bool:
+        """One request, then idle(), where the child may leave; True: the connection takes another."""
+        env = conn.environ(request)
+        response = _Response(conn, me)
+        if me is not None:
+            me.busy()
+        result: Any = None
+        try:
+            result = self.app(env, response.start_response)
+            response.finish(result)
+        except Exception as exc:
+            self._failed(conn, response, env, exc)
+        finally:
+            if hasattr(result, "close"):
+                try:
+                    result.close()
+                except Exception:
+                    log.exception("worker %d: the close() of the WSGI app's body raised on %s %s",
+                                  os.getpid(), env["REQUEST_METHOD"], env["PATH_INFO"])
+        keep = conn.keeps_alive()
+        if me is not None:
+            if not keep:
+                conn.close()
+            try:
+                me.idle()  # leaves here (SystemExit) when it must: between two requests
+            except SystemExit:
+                conn.close()
+                raise
+        return keep
+
+    def _failed(self, conn: _Conn, response: _Response, env: dict[str, Any], exc: Exception) -> None:
+        method, path = env["REQUEST_METHOD"], env["PATH_INFO"]
+        if (problem := conn.problem) is not None:  # a slow, broken or vanished client is no app error
+            (log.warning if problem.status == 408 else log.info)(
+                "worker %d: %s %s from %s: %s; closed", os.getpid(), method, path, conn.client, problem)
+            if problem.status and not response.started:
+                conn.refuse(problem.status, str(problem))
+            return
+        answer = "the response had begun: the connection is closed" if response.started else "answered 500"
+        log.error("worker %d: the WSGI app raised on %s %s from %s; %s", os.getpid(), method, path, conn.client,
+                  answer, exc_info=exc, extra={"method": method, "path": path})
+        if response.started:
+            conn.h11.send_failed()  # what went out is not a whole response: no keep-alive
+        else:
+            conn.refuse(500, "the application failed (its traceback is in the server's log)")
+
+    def _wait(self, conn: _Conn, me: WorkerHandle | None) -> bool:
+        """Wait for a kept-alive connection's next request: False after keepalive_timeout or a SIGTERM."""
+        if conn.h11.trailing_data[0]:
+            return True  # pipelined
+        poll = select.poll()
+        poll.register(conn.sock, select.POLLIN)
+        if self.wakeup_fd >= 0:
+            poll.register(self.wakeup_fd, select.POLLIN)
+        end = time.monotonic() + self.cfg.keepalive_timeout
+        while (left := end - time.monotonic()) > 0:
+            if me is not None and me.leaving:  # a request already here is served, with Connection: close
+                return _readable(conn.sock, 0)
+            for fd, _ in poll.poll(left * 1000):
+                if fd != self.wakeup_fd:
+                    return True
+                os.read(fd, 512)
+        return False
+
+
+def make_handler(app: Callable[..., Iterable[bytes]], mpm_config: MPMConfig) -> Callable[[socket.socket, Any], None]:
+    """``handle(conn, addr)`` serving the WSGI ``app`` over HTTP/1.1 within ``mpm_config``'s limits."""
+    return WSGIHandler(app, mpm_config)
