@@ -594,15 +594,10 @@ class Block(NamedTuple):
 
 
 def _section(root: Path = ROOT) -> tuple[str, str]:
-    """The section where it lives: in docs/profiles/mpm.md once pasted there, else in
-    docs/_backlog_section.md (where it waits to be)."""
+    """The section in docs/profiles/mpm.md, up to the next heading."""
     page = root / "docs" / "profiles" / "mpm.md"
     text = page.read_text(encoding="utf-8")
-    start = text.find("### Scaling by backlog")
-    if start < 0:
-        page = root / "docs" / "_backlog_section.md"
-        text = page.read_text(encoding="utf-8")
-        start = text.index("### Scaling by backlog")
+    start = text.index("### Scaling by backlog")
     offset = text.count("\n", 0, start)
     lines = text[start:].splitlines()
     fenced = False
@@ -647,7 +642,7 @@ def _after(block: Block) -> Block | None:
 def test_the_section_is_found_once_pasted_into_the_mpm_page(tmp_path: Path) -> None:
     """Once docs/profiles/mpm.md holds it, this module runs it there, up to the next heading."""
     (tmp_path / "docs" / "profiles").mkdir(parents=True)
-    own = (ROOT / "docs" / "_backlog_section.md").read_text(encoding="utf-8")
+    own = _section()[1]
     page = f"# mpm\n\n## Deploying\n\n### Harakiri\n\ntext\n\n{own}\n### Upgrades\n\n```sh\nkill -USR2 1\n```\n"
     (tmp_path / "docs" / "profiles" / "mpm.md").write_text(page, encoding="utf-8")
     where, body = _section(tmp_path)

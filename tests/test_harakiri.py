@@ -58,6 +58,7 @@ def test_a_child_stuck_in_a_request_is_killed_its_stack_logged_and_replaced(tmp_
     [record] = [r for r in caplog.records if f"worker {first} was busy" in r.getMessage()]
     text = record.getMessage()
     assert "mpm.request_timeout = 0.4 s" in text
+    assert _digits_masked(text.splitlines()[0]) == _digits_masked(shown_line("worker ")), "the page shows another line"
     assert "deep_in_the_app" in text and "stuck_in_a_request" in text  # the child's Python stack
     assert m.stats()["workers"] == 0
 
@@ -124,3 +125,30 @@ def test_a_chain_reload_moves_on_when_the_policy_wants_no_replacement() -> None:
         assert m.status()["totals"]["exits"].get("reload", 0) == 3
     finally:
         m.done()
+
+
+# -- docs/profiles/mpm.md, "Harakiri" and "Upgrades": its config and the lines it shows ------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = (ROOT / "docs" / "profiles" / "mpm.md").read_text()
+
+
+def _digits_masked(text: str) -> str:
+    import re
+
+    return re.sub(r"\d+(\.\d+)?", "N", text)
+
+
+def test_the_harakiri_config_block_loads_as_it_says(tmp_path: Path) -> None:
+    import re
+
+    from prefork.config import load_config
+
+    [toml] = re.findall(r"<!-- harakiri: config -->\n```toml\n(.*?)```", PAGE, re.S)
+    (tmp_path / "prefork.toml").write_text(toml)
+    assert load_config(tmp_path / "prefork.toml", {"profile": "mpm"}).mpm.request_timeout == 30.0
+
+
+def shown_line(start: str) -> str:
+    """The log line the page shows that starts so (docs/profiles/mpm.md)."""
+    return next(line for line in PAGE.splitlines() if line.startswith(start) and " " in line)

@@ -73,6 +73,12 @@ class Hammer:
         self._thread.join(15)
 
 
+def masked(text: str) -> str:
+    import re
+
+    return re.sub(r"\d+", "N", text)
+
+
 def master_pid() -> int:
     out = subprocess.run([sys.executable, "-m", "prefork", "status", NAME, "--json"], capture_output=True, text=True,
                          timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -132,6 +138,9 @@ def test_a_broken_new_version_leaves_the_old_master_serving(tmp_path: Path) -> N
         assert proc.poll() is None and ask(port)[1] == "v1"
         [line] = [line for line in err if "upgrade failed" in line]
         assert "exit code" in line and "keeps serving" in line
+        page = (ROOT / "docs" / "profiles" / "mpm.md").read_text()
+        shown = next(text for text in page.splitlines() if text.startswith("upgrade failed:"))
+        assert masked(line[line.index("upgrade failed:"):].strip()) == masked(shown), "the page shows another line"
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
