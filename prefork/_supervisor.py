@@ -484,6 +484,10 @@ class Supervisor(PoolLoop):
         self._reloads.append((reason, chain))  # atomic: never waits for a lock a signal handler may have interrupted
         self._wake()
 
+    def reloading(self) -> bool:
+        """A reload was asked for (``retire_all``) and not yet begun, or a chain reload is under way."""
+        return bool(self._reloads or self._chain or self._chain_current)
+
     def stats(self) -> dict[str, int]:
         """Workers by state, queued and in-flight tasks, forks so far (``status()`` says more)."""
         c = self.table.census(time.monotonic(), self.scoreboard if self.self_feeding else None)

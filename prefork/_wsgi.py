@@ -25,6 +25,7 @@ from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
+from prefork._listen_queue import listen_backlog
 from prefork._worker import WorkerHandle, current_worker
 from prefork.config.model import MPMConfig
 from prefork.errors import MissingExtra
@@ -86,6 +87,7 @@ class _Conn:
         self.linger = False  #: a refusal was sent: read what the client still sends before closing
         self.declared: int | None = 0  #: the request's Content-Length (None: chunked)
         self.received = 0  #: body bytes read of this request
+        self.others_wait: Callable[[], bool] = _nobody  #: do connections wait for a child? (then no keep-alive)
         here = sock.getsockname() if sock.family in (socket.AF_INET, socket.AF_INET6) else ("localhost", 0)
         peer = addr if isinstance(addr, tuple) else ("", 0)
         self.client = f"{peer[0]}:{peer[1]}"
@@ -352,7 +354,8 @@ class _Response:
         conn, head, h = self.conn, self.head, self.conn.h11
         unread = h.their_state is h11.SEND_BODY and (
             h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
-        if unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0:
+        if (unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0
+                or conn.others_wait()):  # a kept connection would hold this child while new clients queue
             head = _with(head, b"connection", b"close")
         self.started = True
         self.out += conn.h11.send(head)
@@ -392,12 +395,17 @@ class WSGIHandler:
         self.app, self.cfg = app, cfg
         #: readable when a signal came (serve.py's wakeup pipe): a SIGTERM ends a keep-alive wait
         self.wakeup_fd = -1
+        #: the listening socket: while connections wait in its queue, responses close their connection
+        self.listener: socket.socket | None = None
 
     def __call__(self, sock: socket.socket, addr: Any) -> None:
         me = current_worker()
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no wait for an ACK between responses
         conn = _Conn(sock, addr, self.cfg)
+        if self.listener is not None and listen_backlog(self.listener) is not None:
+            listener = self.listener
+            conn.others_wait = lambda: bool(listen_backlog(listener))
         try:
             while (request := conn.read_head(time.monotonic() + self.cfg.header_timeout)) is not None:
                 if not self._serve(conn, request, me) or not self._wait(conn, me):
@@ -468,6 +476,10 @@ class WSGIHandler:
                     return True
                 os.read(fd, 512)
         return False
+
+
+def _nobody() -> bool:
+    return False
 
 
 def make_handler(app: Callable[..., Iterable[bytes]], mpm_config: MPMConfig) -> Callable[[socket.socket, Any], None]:

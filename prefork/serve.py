@@ -36,11 +36,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn, cast
 
-from prefork import _logging
+from prefork import _logging, _systemd
 from prefork._listen_queue import listen_backlog
 from prefork._proctitle import set_title
 from prefork._supervisor import Supervisor
-from prefork._upgrade import Successor, announce_ready, inherited_listener, ready_fd
+from prefork._upgrade import PREDECESSOR, Successor, announce_ready, inherited_listener, ready_fd
 from prefork._worker import current_worker
 from prefork.config import Config
 from prefork.errors import ConfigError
@@ -84,6 +84,7 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
 
         assert isinstance(handler, WSGIHandler)
         handler.wakeup_fd = wake_r
+        handler.listener = listener
     listener.setblocking(False)
     channel = me._channel
     sel = selectors.DefaultSelector()
@@ -178,6 +179,7 @@ class _SignalDesk:
         self.stop = False
         self.reload_wanted = False
         self.upgrade_wanted = False
+        self.hangups = 0  # SIGHUPs taken so far: each one is a reload systemd may wait for
         self._reload_spawned = -1  # spawned_total when the reload under way began (-1: none)
         self._said: dict[str, float] = {}  # note -> when it was last logged
 
@@ -194,6 +196,17 @@ class _SignalDesk:
         self._reload_spawned = -1
         return False
 
+    def reload_under_way(self, sup: Supervisor) -> bool:
+        """A reload is wanted, or under way: its chain is not done, or a replacement is
+        still booting.  Only looks: ``_reloading`` forgets a finished reload when the
+        next SIGHUP comes, and a storm must find it as it left it."""
+        if self.reload_wanted or sup.reloading():
+            return True
+        if self._reload_spawned < 0:
+            return False
+        stats = sup.stats()
+        return stats["spawned_total"] == self._reload_spawned or stats["booting"] > 0
+
     def handle(self, sup: Supervisor) -> None:
         notes: set[str] = set()
         while self.pending and not self.stop:
@@ -202,6 +215,7 @@ class _SignalDesk:
                 self.stop = True
             elif signum == signal.SIGHUP:
                 self.reload_wanted = True
+                self.hangups += 1
             elif signum == signal.SIGUSR2:
                 self.upgrade_wanted = True
             else:
@@ -297,6 +311,21 @@ class _Upgrade:
             log.exception("after a failed upgrade, the control socket and endpoints could not be taken back")
 
 
+def _open_listener(config: Config, passed: socket.socket | None) -> socket.socket:
+    """The socket an old master passed (an upgrade), else the one systemd passed (socket
+    activation), else a new one bound to ``mpm.bind``."""
+    upgraded = inherited_listener()
+    if upgraded is not None:
+        return upgraded
+    if passed is not None:
+        return passed
+    host, _, port = config.mpm.bind.rpartition(":")
+    try:
+        return socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    except OSError as exc:
+        raise ConfigError(f"mpm.bind = {config.mpm.bind!r}: cannot listen there: {exc.strerror or exc}") from None
+
+
 def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> int:
     """Bind ``mpm.bind``, keep children accepting on it, each calling the config's
     ``app`` as ``handle(conn, addr)``, or serving the WSGI app ``mpm.wsgi`` over
@@ -310,12 +339,17 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
     by a signal, 1 if children cannot boot; a bad setting raises
     :class:`~prefork.errors.PreforkError` in one line, before anything is bound."""
     _check_serve_config(config)
+    # systemd: the socket it passed (LISTEN_*, taken and unset before the app is imported,
+    # so neither the app nor the children see them) and the watchdog, which an upgrade's
+    # new master takes over from the old one
+    passed = _systemd.activated_listener(config)
+    predecessor = os.environ.get(PREDECESSOR, "")
+    watchdog = _systemd.watchdog_interval(int(predecessor) if predecessor.isdigit() else None)
     handler = _handler(config)
-    listener = inherited_listener()  # an upgrade: the old master's socket
-    if listener is None:
-        host, _, port = config.mpm.bind.rpartition(":")
-        listener = socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
+    listener = _open_listener(config, passed)
     tell_old = ready_fd()  # an upgrade: the old master waits for our word
+    announcer = _systemd.Announcer(_systemd.describe(listener), watchdog, successor=tell_old >= 0)
+    why = "the supervisor failed"  # what STOPPING=1 says, unless a stop signal or a boot failure ends the loop
     mpm = MPM.from_config(config)
     desk = _SignalDesk(mpm)
     _logging.set_role("supervisor")
@@ -326,8 +360,11 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
     old_wake = -1
     code = 0
     try:
-        bound_host, bound_port = listener.getsockname()[:2]
-        log.info("listening on %s:%d (%s)", bound_host, bound_port,
+        if listener.family == socket.AF_UNIX:
+            bound_host, bound_port = _systemd.describe(listener), 0
+        else:
+            bound_host, bound_port = listener.getsockname()[:2]
+        log.info("listening on %s (%s)", _systemd.describe(listener),
                  f"WSGI app {config.mpm.wsgi}" if config.mpm.wsgi else f"app {config.app}")
         if ready is not None:
             ready(bound_host, bound_port)
@@ -345,9 +382,11 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
         while True:
             desk.handle(sup)
             if desk.stop:
+                why = "asked to (SIGTERM or SIGINT); children finish their connections"
                 break
             if sup.broken is not None:
                 log.error("stopping: %s", sup.broken)
+                why = f"children cannot boot: {sup.broken}".splitlines()[0]
                 code = 1
                 break
             if tell_old >= 0 and _children_up(sup):
@@ -358,9 +397,18 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
                 desk.upgrade_wanted = False
                 upgrade.begin()
             if upgrade.done():
+                assert upgrade.successor is not None
+                for message in announcer.hand_over(upgrade.successor.pid):  # systemd's main process now
+                    _systemd.notify(message)
                 break  # the new master serves: this one drains and exits
-            sup.step(0.1 if upgrade.successor is not None else 1.0)
+            stats = sup.stats()
+            seen = _systemd.Seen(stats["idle"], stats["busy"], desk.hangups, desk.reload_under_way(sup))
+            for message in announcer.step(time.monotonic_ns(), seen):
+                _systemd.notify(message)
+            sup.step(announcer.timeout(time.monotonic_ns(), 0.1 if upgrade.successor is not None else 1.0))
     finally:
+        for message in announcer.stopping(why):  # nothing after a hand-over
+            _systemd.notify(message)
         if wake >= 0:
             signal.set_wakeup_fd(old_wake)
             os.close(wake)

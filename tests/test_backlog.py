@@ -24,10 +24,8 @@ import re
 import shlex
 import shutil
 import socket
-import statistics
 import subprocess
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -226,18 +224,6 @@ def test_misuse_is_refused_in_one_line() -> None:
         sock.close()
         with pytest.raises(ValueError, match="the socket is closed"):
             listen_backlog(sock)
-
-
-def test_a_reading_is_cheap() -> None:
-    """The supervisor reads once per tick: TCP_INFO measured at ~2 µs, /proc at ~1 ms here."""
-    with listener("127.0.0.1") as sock:
-        for method, bound in (("tcp_info", 50e-6), ("proc", 20e-3)):
-            times = []
-            for _ in range(200 if method == "tcp_info" else 20):
-                t = time.perf_counter()
-                listen_backlog(sock, method=method)  # type: ignore[arg-type]
-                times.append(time.perf_counter() - t)
-            assert statistics.median(times) < bound, f"{method}: median {statistics.median(times) * 1e6:.0f} µs"
 
 
 # -- the policy: contract, options, registration ----------------------------------------------------

@@ -827,3 +827,41 @@ def test_any_bytes_get_responses_or_a_refusal_and_never_a_500(data: bytes) -> No
         answer = until_closed(client)
     statuses = [int(s) for s in re.findall(rb"^HTTP/1\.1 (\d{3}) ", answer, re.M)]
     assert set(statuses) <= {100, 200, 400, 413, 431, 501}, (data, answer)
+
+
+def test_a_busy_keep_alive_client_cannot_starve_a_new_one(tmp_path: Path) -> None:
+    """One child, one client that keeps its connection busy with request after request: a
+    second client is answered anyway, because while a connection waits in the listen queue
+    each response says Connection: close (bench_serve.py found new clients never answered)."""
+    import threading
+
+    srv = Server(tmp_path / "one", "--set", "scaling.name=fixed", "--set", "scaling.workers=1",
+                 "--set", "mpm.keepalive_timeout=30")
+    stop = threading.Event()
+    answered = [0]
+
+    def busy_client() -> None:
+        conn = srv.http()
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/")
+                conn.getresponse().read()
+                answered[0] += 1
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = srv.http()  # closed for the other client: come back
+        conn.close()
+
+    hog = threading.Thread(target=busy_client, daemon=True)
+    try:
+        wait_until(lambda: len(srv.workers()) == 1, what="one child")
+        hog.start()
+        wait_until(lambda: answered[0] > 50, what="the first client served, over and over")
+        other = srv.http()
+        other.request("GET", "/")
+        assert other.getresponse().status == 200  # within http()'s 10 s timeout: not starved
+        other.close()
+    finally:
+        stop.set()
+        hog.join(15)
+        srv.stop()
