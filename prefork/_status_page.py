@@ -31,13 +31,13 @@ import ipaddress
 import json
 import logging
 import socket
-import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from prefork._http_server import ServedHTTP
 from prefork._status_page_html import CSP, PAGE
 
 __all__ = ["CSP", "PAGE", "StatusPage", "check_bind", "serve_status_page"]
@@ -146,46 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("status page: %s %s", self.address_string(), format % args)
 
 
-class StatusPage:
+class StatusPage(ServedHTTP):
     """A status page being served: ``url``, ``host``, ``port``, ``close()``."""
 
-    __slots__ = ("_lock", "_server", "_thread", "host", "port")
-
-    def __init__(self, host: str, port: int, server: _Server, thread: threading.Thread) -> None:
-        self.host = host
-        self.port = port
-        self._server: _Server | None = server
-        self._thread = thread
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    def fileno(self) -> int:
-        """The listening socket (-1 once closed): a process forked from this one should close it."""
-        server = self._server
-        return server.fileno() if server is not None else -1
-
-    def close(self) -> None:
-        """Stop serving and free the port (idempotent)."""
-        with self._lock:
-            server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        self._thread.join(5)
-
-    def __enter__(self) -> StatusPage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<StatusPage {self.url}{' closed' if self._server is None else ''}>"
+    __slots__ = ()
 
 
 def serve_status_page(get_status: Callable[[], Mapping[str, Any]], host: str = "127.0.0.1", port: int = 0) -> StatusPage:
@@ -205,10 +169,7 @@ def serve_status_page(get_status: Callable[[], Mapping[str, Any]], host: str = "
         server = _Server((bind, port), family, get_status, loopback)
     except OSError as exc:
         raise OSError(exc.errno, f"serve_status_page: cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    thread = threading.Thread(target=server.serve_forever, name=f"prefork-status-page:{server.server_address[1]}",
-                              daemon=True)
-    thread.start()
-    page = StatusPage(bind, int(server.server_address[1]), server, thread)
+    page = StatusPage(bind, server, "prefork-status-page")
     if loopback:
         log.info("status page at %s", page.url)
     else:

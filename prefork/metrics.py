@@ -31,7 +31,6 @@ import itertools
 import logging
 import math
 import socket
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any, Final
@@ -49,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
         name="prometheus_client",
     ) from exc
 
+from prefork._http_server import ServedHTTP
 from prefork._status import EXIT_CAUSES, FAILURE_KINDS, STATUS_VERSION
 from prefork._status_page import check_bind
 
@@ -266,50 +266,25 @@ def _guarded(app: Callable[..., Iterable[bytes]], server: list[_Server]) -> Call
     return guarded
 
 
-class MetricsServer:
+class MetricsServer(ServedHTTP):
     """The metrics endpoint :func:`serve_metrics` started: ``url``, ``port``, ``close()``."""
 
-    __slots__ = ("_lock", "_registry", "_server", "_thread", "addr", "collector", "port")
+    __slots__ = ("_registry", "collector")
+
+    path = "/metrics"
 
     def __init__(self, addr: str, collector: PoolCollector, registry: CollectorRegistry, server: _Server) -> None:
-        self.addr = addr
-        self.port = int(server.server_address[1])
         self.collector = collector
         self._registry = registry
-        self._server: _Server | None = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"prefork-metrics:{self.port}", daemon=True)
-        self._thread.start()
-        self._lock = threading.Lock()
+        super().__init__(addr, server, "prefork-metrics")
 
     @property
-    def url(self) -> str:
-        host = f"[{self.addr}]" if ":" in self.addr else self.addr
-        return f"http://{host}:{self.port}/metrics"
+    def addr(self) -> str:
+        """The address it listens on."""
+        return self.host
 
-    def fileno(self) -> int:
-        """The listening socket (-1 once closed): a process forked from this one should close it."""
-        server = self._server
-        return server.fileno() if server is not None else -1
-
-    def close(self) -> None:
-        """Stop serving, free the port and take the collector out of the registry (idempotent)."""
-        with self._lock:
-            server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        self._thread.join(5)
-        self._registry.unregister(self.collector)
-
-    def __enter__(self) -> MetricsServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<MetricsServer {self.url}{' closed' if self._server is None else ''}>"
+    def _closed(self) -> None:
+        self._registry.unregister(self.collector)  # the collector leaves with the endpoint
 
 
 def serve_metrics(get_status: StatusSource, port: int, addr: str = "127.0.0.1", *,
