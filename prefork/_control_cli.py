@@ -390,9 +390,11 @@ def add_ctl_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     remove = actions.add_parser("remove", help="N fewer workers; idle ones leave first")
     remove.add_argument("n", type=_count, metavar="N")
     reload = actions.add_parser("reload", help="replace every worker once it is idle (new code, fresh memory)")
+    upgrade = actions.add_parser("upgrade", help="prefork serve: start a new master on the same socket; this one "
+                                 "drains once it is ready (as SIGUSR2)")
     stop = actions.add_parser("stop", help="stop the pool: cancel queued tasks, kill running ones after pool.kill_grace")
     stop.add_argument("--graceful", action="store_true", help="let queued and running tasks finish first")
-    for action in (add, remove, reload, stop):  # also after the action; SUPPRESS keeps a value given before it
+    for action in (add, remove, reload, upgrade, stop):  # also after the action; SUPPRESS keeps a value given before it
         _socket_dir_option(action, default=argparse.SUPPRESS)
     p.set_defaults(func=cmd_ctl)
     return p

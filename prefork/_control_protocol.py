@@ -26,7 +26,7 @@ log = logging.getLogger("prefork.control")
 
 PROTOCOL_VERSION: Final = 1
 #: the operations a request may name
-OPS: Final = ("add", "reload", "remove", "status", "stop")
+OPS: Final = ("add", "reload", "remove", "status", "stop", "upgrade")
 MAX_REQUEST: Final = 64 * 1024  #: bytes a request line may have (a real one has about 40)
 
 _SEND_FLAGS: Final = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -65,6 +65,9 @@ class ControlledPool(Protocol):
     def resize(self, delta: int) -> object: ...
 
     def retire_all(self, reason: str) -> None: ...
+
+    #: ``prefork serve``'s zero-downtime upgrade (its answer); ``None`` in a pool that has none
+    upgrader: Callable[[], str] | None
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False, force: bool = False) -> None: ...
 
@@ -213,6 +216,14 @@ class Operations:
         self.pool.retire_all("reload")
         message = f"pool {self.name!r}: reload: {_plural(workers, 'worker')} will be replaced once idle"
         return {"message": message, "workers": workers}, None
+
+    def _op_upgrade(self) -> tuple[dict[str, Any], None]:
+        self._check_changeable()
+        upgrader = self.pool.upgrader
+        if upgrader is None:
+            raise _BadRequest("this pool cannot upgrade itself: only `prefork serve` starts a new master "
+                              "(use reload to replace the workers)")
+        return {"message": f"pool {self.name!r}: {upgrader()}"}, None
 
     def _op_stop(self, graceful: bool) -> tuple[dict[str, Any], Callable[[], None]]:
         pool = self.pool

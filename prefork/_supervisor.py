@@ -126,6 +126,7 @@ class Supervisor(PoolLoop):
         self.max_tasks_jitter = pool.max_tasks_jitter
         self.graceful_timeout = pool.graceful_timeout
         self.waiting = waiting  #: work waiting outside the queue (connections in a listen queue), for the policy
+        self.upgrader: Callable[[], str] | None = None  #: prefork serve's upgrade, for `prefork ctl NAME upgrade`
         #: harakiri: a self-feeding worker busy longer than this is killed (0: never)
         self.busy_timeout = config.mpm.request_timeout if body is not None or return_in_child else 0.0
         self.body = body

@@ -186,6 +186,12 @@ class _SignalDesk:
     def record(self, signum: int, frame: FrameType | None) -> None:
         self.pending.append(signum)  # all a handler does: no lock, no I/O
 
+    def ask(self, signum: int, sup: Supervisor) -> str:
+        """What the signal would do, asked from another thread (``prefork ctl NAME upgrade``)."""
+        self.pending.append(signum)
+        sup.wake()
+        return "upgrade: a new master is starting on the same socket; this one drains once it is ready"
+
     def _reloading(self, sup: Supervisor) -> bool:
         """A reload is under way until a new child was forked and none is booting."""
         if self._reload_spawned < 0:
@@ -379,6 +385,7 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
         sup.ctx.internal_fds.add(wake)
         old_wake = signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
         upgrade = _Upgrade(sup, listener, config)
+        sup.upgrader = lambda: desk.ask(signal.SIGUSR2, sup)
         while True:
             desk.handle(sup)
             if desk.stop:

@@ -146,3 +146,38 @@ def test_a_broken_new_version_leaves_the_old_master_serving(tmp_path: Path) -> N
             proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         reader.join(10)
+
+
+def test_prefork_ctl_upgrade_does_what_sigusr2_does(tmp_path: Path) -> None:
+    proc, port = start(tmp_path, "v1")
+    new = 0
+    try:
+        wait_until(lambda: master_pid() == proc.pid, what="the old master's control socket")
+        (tmp_path / "upapp.py").write_text(APP.format(version="v2"))
+        out = subprocess.run([sys.executable, "-m", "prefork", "ctl", NAME, "upgrade"], capture_output=True, text=True,
+                             timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == (f"pool '{NAME}': upgrade: a new master is starting on the same socket; "
+                                      "this one drains once it is ready")
+        assert proc.wait(timeout=30) == 0
+        new = wait_until(master_pid, what="the new master's control socket")
+        assert new != proc.pid and ask(port)[1] == "v2"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stop_master(new or master_pid())
+
+
+def test_ctl_upgrade_is_refused_by_a_pool_that_cannot_upgrade_itself() -> None:
+    import prefork
+    from prefork.cli import main
+
+    with prefork.Executor(1, control=True, overrides={"name": "plainpool"}) as ex:
+        ex.submit(abs, -1).result(10)
+        err = subprocess.run([sys.executable, "-m", "prefork", "ctl", "plainpool", "upgrade"], capture_output=True,
+                             text=True, timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert err.returncode == 2
+        assert "cannot upgrade itself: only `prefork serve` starts a new master" in err.stderr
+        assert len(err.stderr.strip().splitlines()) == 1
+        assert main(["status", "plainpool", "--json"]) == 0  # the pool is untouched
