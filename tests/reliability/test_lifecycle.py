@@ -323,6 +323,11 @@ def test_a_worker_holds_only_its_channel_and_exec_children_inherit_no_pool_descr
     ex = Executor(2, overrides={"pool.fork_from": mode, "pool.prefetch": 1})
     caller_sleep = None
     try:
+        # Both workers forked before this thread opens anything: a direct fork (from the loop's
+        # thread) copies whatever another thread of the caller holds open at that instant (the
+        # directory glob() below scans, say), and that is the caller's, not the pool's.
+        ex.submit(abs, -1).result(10)
+        wait_until(lambda: (s := ex.stats())["workers"] == 2 and not s["booting"], what="both workers up")
         futures = [ex.submit(popen_and_wait, str(tmp_path), gate) for _ in range(2)]
         wait_until(lambda: len(list(tmp_path.glob("task-*[0-9]"))) == 2, what="both tasks running")
         # a subprocess of the caller, started after the pool, with close_fds=False as well
