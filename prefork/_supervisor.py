@@ -45,7 +45,7 @@ from prefork._task import Task, WorkerInfo
 from prefork._worker import WorkerContext
 from prefork._worker_io import log
 from prefork._workers import Worker, WorkerTable
-from prefork.errors import PoolBroken, PoolShutDown, PreforkError
+from prefork.errors import ConfigError, PoolBroken, PoolShutDown, PreforkError
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies import optional
 from prefork.strategies.registry import KINDS
@@ -129,6 +129,9 @@ class Supervisor(PoolLoop):
         self.upgrader: Callable[[], str] | None = None  #: prefork serve's upgrade, for `prefork ctl NAME upgrade`
         #: harakiri: a self-feeding worker busy longer than this is killed (0: never)
         self.busy_timeout = config.mpm.request_timeout if body is not None or return_in_child else 0.0
+        if config.mpm.request_timeout and not self.busy_timeout:  # never silently ignored
+            raise ConfigError(f"mpm.request_timeout = {config.mpm.request_timeout:g}: only a pool whose workers feed "
+                              "themselves (MPM, prefork serve) has requests; a task pool limits tasks with pool.task_timeout")
         self.body = body
         #: workers find their own work (a body, or the caller's code after kid_new) and read no frames
         self.self_feeding = body is not None or return_in_child

@@ -152,3 +152,10 @@ def test_the_harakiri_config_block_loads_as_it_says(tmp_path: Path) -> None:
 def shown_line(start: str) -> str:
     """The log line the page shows that starts so (docs/profiles/mpm.md)."""
     return next(line for line in PAGE.splitlines() if line.startswith(start) and " " in line)
+
+
+def test_a_task_pool_refuses_request_timeout_instead_of_ignoring_it() -> None:
+    import prefork
+
+    with pytest.raises(prefork.ConfigError, match=r"mpm.request_timeout = 5: only a pool whose workers feed themselves"):
+        prefork.Executor(1, overrides={"mpm.request_timeout": 5})
