@@ -38,9 +38,10 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 from typing import Final, Literal
 
-__all__ = ["listen_backlog", "listen_queue"]
+__all__ = ["listen_backlog", "listen_queue", "waiting_reader"]
 
 #: ``struct tcp_info`` up to ``tcpi_sacked``: ``tcpi_state`` (u8), 7 more u8 (ca_state,
 #: retransmits, probes, backoff, options, the two wscale/bitfield bytes), then the u32s
@@ -103,6 +104,30 @@ def listen_queue(sock: socket.socket, *, method: Method = "auto") -> tuple[int, 
             raise OSError(errno.ENOENT, f"no LISTEN row for this socket in /proc/self/net/{_proc_table(sock)}")
         return None
     return waiting, None
+
+
+def waiting_reader(sock: socket.socket) -> Callable[[], bool] | None:
+    """A reader for a hot path: ``reader()`` says whether connections wait in the listening
+    socket ``sock``'s accept queue, with one ``getsockopt`` and no checks (about 1 µs).
+    ``None`` where ``TCP_INFO`` cannot be read (a Unix socket, a kernel without it): the
+    ``/proc`` reading costs a millisecond, too much to make after every response."""
+    try:
+        _from_tcp_info(sock)
+    except (OSError, ValueError):
+        return None
+    if _SOL_TCP_INFO is None:  # _from_tcp_info said so already
+        return None
+    getsockopt, size, unpack = sock.getsockopt, _TCP_INFO.size, _TCP_INFO.unpack_from
+    level, name = socket.IPPROTO_TCP, _SOL_TCP_INFO
+
+    def others_wait() -> bool:
+        try:
+            waiting: int = unpack(getsockopt(level, name, size))[1]
+            return waiting > 0
+        except OSError:  # closed under us (the child is leaving): nobody waits for this one
+            return False
+
+    return others_wait
 
 
 def _from_tcp_info(sock: socket.socket) -> tuple[int, int]:

@@ -20,13 +20,14 @@ import select
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
-from prefork._listen_queue import listen_backlog
+from prefork._listen_queue import waiting_reader
 from prefork._worker import WorkerHandle, current_worker
+from prefork._wsgi_parts import FileWrapper, Input, response_head, with_header
 from prefork.config.model import MPMConfig
 from prefork.errors import MissingExtra
 
@@ -44,11 +45,6 @@ _RECV: Final = 65536  #: bytes asked of one recv()
 _DRAIN: Final = 65536  #: most unread request body read and dropped after a response, to keep the connection
 #: seconds a closing connection reads what still comes: unread bytes make the close a reset, which can lose our answer
 _LINGER: Final = 2.0
-#: hop-by-hop headers an application may not set (PEP 3333); Connection is allowed (``close``)
-_HOP: Final = frozenset({b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-                         b"transfer-encoding", b"upgrade"})
-
-
 class RequestError(OSError):
     """``wsgi.input`` cannot read the body; ``status`` answers it if the response has not begun:
     400 malformed, 408 a wait over read_timeout, 413 over max_body, 0 the client is gone."""
@@ -58,22 +54,23 @@ class RequestError(OSError):
         self.status = status
 
 
-class FileWrapper:
-    """``wsgi.file_wrapper``: a file as an iterable of ``blksize`` blocks, closed with the body."""
-
-    def __init__(self, filelike: Any, blksize: int = 8192) -> None:
-        self.filelike, self.blksize = filelike, blksize
-        if hasattr(filelike, "close"):
-            self.close = filelike.close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(lambda: self.filelike.read(self.blksize), b"")
-
-
 def _readable(fd: Any, timeout: float) -> bool:
+    return _ready(fd, select.POLLIN, timeout)
+
+
+def _ready(fd: Any, events: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` is ready for ``events`` (or has an error or hang-up); False after ``timeout`` s."""
     poll = select.poll()
-    poll.register(fd, select.POLLIN)
-    return bool(poll.poll(timeout * 1000))
+    poll.register(fd, events)
+    return bool(poll.poll(None if timeout is None else timeout * 1000))
+
+
+def _unread(sock: socket.socket) -> bool:
+    """Has the client sent bytes not read yet?  (Its end of stream is none: nothing to drain.)"""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing there; others: the connection is gone
+        return False
 
 
 class _Conn:
@@ -100,8 +97,17 @@ class _Conn:
         }  # fmt: skip
 
     def _recv(self, timeout: float | None, size: int = _RECV) -> int:
-        self.sock.settimeout(timeout)
-        data = self.sock.recv(size)
+        """Give h11 what the client sent, waiting up to ``timeout`` for it (TimeoutError).
+        The socket stays blocking and each call says MSG_DONTWAIT: a socket with a
+        timeout would cost a poll() and an ioctl() before every recv(), data there or not."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(size, socket.MSG_DONTWAIT)
+                break
+            except BlockingIOError:
+                if not _ready(sock, select.POLLIN, timeout):
+                    raise TimeoutError(f"nothing from the client within {timeout} s") from None
         self.h11.receive_data(data)
         return len(data)
 
@@ -187,11 +193,14 @@ class _Conn:
 
     def send(self, out: bytes | bytearray) -> None:
         """Send; read_timeout bounds each wait (sendall's, the whole); an OSError marks the client gone."""
-        data = memoryview(out)
+        data, sock = memoryview(out), self.sock
         try:
-            self.sock.settimeout(self.timeout)
             while data:
-                data = data[self.sock.send(data):]
+                try:
+                    data = data[sock.send(data, socket.MSG_DONTWAIT):]
+                except BlockingIOError:
+                    if not _ready(sock, select.POLLOUT, self.timeout):
+                        raise TimeoutError(f"the client took nothing within {self.timeout} s") from None
         except OSError as exc:
             self.h11.send_failed()
             self.problem = self.problem or RequestError(
@@ -237,7 +246,7 @@ class _Conn:
         if sock.fileno() < 0:
             return
         try:
-            if self.linger or self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or _readable(sock, 0):
+            if self.linger or self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or _unread(sock):
                 sock.shutdown(socket.SHUT_WR)
                 end = time.monotonic() + _LINGER
                 while (left := end - time.monotonic()) > 0:
@@ -262,67 +271,8 @@ class _Conn:
                 if key in env:  # several fields of one name are one value, as RFC 9110 joins them
                     value = env[key].encode("latin-1") + (b"; " if key == "HTTP_COOKIE" else b",") + value
             env[key] = value.decode("latin-1")
-        env["wsgi.input"] = _Input(self)
+        env["wsgi.input"] = Input(self)
         return env
-
-
-class _Input:
-    """``wsgi.input``: the body, read from the socket as the app asks; past its end, b"" for ever."""
-
-    def __init__(self, conn: _Conn) -> None:
-        self._conn, self._buf, self._eof = conn, bytearray(), False
-
-    def _more(self) -> bool:
-        chunk = b"" if self._eof else self._conn.body_chunk()
-        self._buf += chunk
-        self._eof = not chunk
-        return bool(chunk)
-
-    def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-    def read(self, size: int | None = -1) -> bytes:
-        size = -1 if size is None else size
-        while (size < 0 or len(self._buf) < size) and self._more():
-            pass
-        return self._take(len(self._buf) if size < 0 else size)
-
-    def readline(self, size: int | None = -1) -> bytes:
-        limit = -1 if size is None else size
-        start = 0
-        while (end := self._buf.find(b"\n", start)) < 0 and (limit < 0 or len(self._buf) < limit):
-            start = len(self._buf)
-            if not self._more():
-                break
-        end = len(self._buf) if end < 0 else end + 1
-        return self._take(end if limit < 0 else min(end, limit))
-
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
-        return list(self)  # PEP 3333: the hint may be ignored
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.readline, b"")
-
-
-def _head(status: str, headers: list[tuple[str, str]]) -> h11.Response:
-    """The h11 response of a ``start_response`` call; TypeError or ValueError naming what is wrong."""
-    if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or status[3:4] not in ("", " "):
-        raise ValueError(f"start_response: status {status!r} is not of the form '200 OK'")
-    fields = []
-    for item in headers:
-        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) for s in item)):
-            raise TypeError(f"start_response: header {item!r} is not a (str, str) tuple")
-        if item[0].lower().encode("latin-1") in _HOP:
-            raise ValueError(f"start_response: {item[0]!r} is a hop-by-hop header: the server sets it, not the app")
-        fields.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
-    return h11.Response(status_code=int(status[:3]), reason=status[4:].encode("latin-1"), headers=fields)
-
-
-def _with(head: h11.Response, name: bytes, value: bytes) -> h11.Response:
-    fields = [*head.headers.raw_items(), (name, value)]
-    return h11.Response(status_code=head.status_code, reason=head.reason, headers=fields)
 
 
 class _Response:
@@ -343,7 +293,7 @@ class _Response:
                 exc_info = None
         elif self.head is not None:
             raise RuntimeError("start_response called a second time without exc_info (PEP 3333)")
-        self.head = _head(status, headers)
+        self.head = response_head(status, headers)
         return self.write
 
     def _start(self) -> None:
@@ -356,7 +306,7 @@ class _Response:
             h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
         if (unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0
                 or conn.others_wait()):  # a kept connection would hold this child while new clients queue
-            head = _with(head, b"connection", b"close")
+            head = with_header(head, b"connection", b"close")
         self.started = True
         self.out += conn.h11.send(head)
 
@@ -381,7 +331,7 @@ class _Response:
         head = self.head
         if isinstance(result, (list, tuple)) and head and all(type(b) is bytes for b in result) \
                 and all(n != b"content-length" for n, _ in head.headers):
-            self.head = _with(head, b"content-length", b"%d" % sum(map(len, result)))
+            self.head = with_header(head, b"content-length", b"%d" % sum(map(len, result)))
         for block in result:
             self.write(block)
         self.flush(end=True)
@@ -397,15 +347,17 @@ class WSGIHandler:
         self.wakeup_fd = -1
         #: the listening socket: while connections wait in its queue, responses close their connection
         self.listener: socket.socket | None = None
+        self._waiting: Callable[[], bool] | None = None
 
     def __call__(self, sock: socket.socket, addr: Any) -> None:
         me = current_worker()
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no wait for an ACK between responses
+        sock.settimeout(None)  # blocking: _Conn waits itself, and only when there is nothing to read or no room
         conn = _Conn(sock, addr, self.cfg)
-        if self.listener is not None and listen_backlog(self.listener) is not None:
-            listener = self.listener
-            conn.others_wait = lambda: bool(listen_backlog(listener))
+        if self._waiting is None:  # once per child: how to see connections queue behind this one
+            self._waiting = (waiting_reader(self.listener) if self.listener is not None else None) or _nobody
+        conn.others_wait = self._waiting
         try:
             while (request := conn.read_head(time.monotonic() + self.cfg.header_timeout)) is not None:
                 if not self._serve(conn, request, me) or not self._wait(conn, me):

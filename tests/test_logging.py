@@ -455,7 +455,7 @@ def test_serve_logs_its_address_a_failing_app_a_cut_connection_and_a_vain_signal
 
 
 MPM_SCRIPT = """\
-import sys, time
+import signal, sys, time
 from pathlib import Path
 from prefork import mpm
 from prefork._logging import configure
@@ -467,6 +467,8 @@ def hook(pid, data, code):
     raise ValueError(f"hook boom on {data}")
 
 def child():
+    # done() may SIGTERM this child as soon as the hook has its data: blocked, it cannot cut the log short
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     mpm.yell("hello")
     raise RuntimeError("body boom")
 
