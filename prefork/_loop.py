@@ -27,6 +27,7 @@ from prefork import _frames, _scoreboard
 from prefork._lifetime import live_pools
 from prefork._operate import Endpoints
 from prefork._spawn import Event, ForkServer, Spawned, SpawnFailed
+from prefork._stack import own_frames
 from prefork._task import Task, WorkerInfo
 from prefork._worker import STACK_SIGNAL, read_stack
 from prefork._worker_io import WorkerIO, log
@@ -340,7 +341,7 @@ class PoolLoop(WorkerIO):
             if not stack or len(stack) != w.stack_seen:
                 w.stack_seen = len(stack)  # still being written: look again shortly
                 return None
-        return read_stack(w.pid, fd)
+        return own_frames(read_stack(w.pid, fd))
 
     def _harakiri(self, now: float) -> None:
         """Self-feeding workers busy longer than ``busy_timeout`` (``[mpm] request_timeout``):
@@ -349,7 +350,7 @@ class PoolLoop(WorkerIO):
         board = self.scoreboard
         for w in self.table.all():
             if w.state != READY or not w.pid or board.state(w.slot) != _scoreboard.BUSY:
-                continue
+                continue  # a keep-alive wait is no request: keepalive_timeout bounds it
             busy_for = now - board.since(w.slot)
             if busy_for <= limit:
                 w.stack_wait = 0.0  # a stack asked of an earlier, longer busy spell is stale
@@ -362,7 +363,7 @@ class PoolLoop(WorkerIO):
             self._retire(w, "busy longer than mpm.request_timeout", "timeout", kill=True)
 
     def _is_idle(self, w: Worker) -> bool:
-        if self.self_feeding:
+        if self.self_feeding:  # a kept-alive child (KEEPALIVE) holds its client's connection: not idle
             return self.scoreboard.state(w.slot) == _scoreboard.IDLE
         return not w.inflight
 

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from prefork import _progress
 from prefork._progress import Progress, ProgressArg
@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from prefork.executor import Executor
 
 T = TypeVar("T")
+
+
+class MapOptions(TypedDict, total=False):
+    """The keyword arguments of every map (``Executor.map``, ``map_unordered``, their
+    ``options()`` forms), for the typed overloads of their signatures in ``executor.py``."""
+
+    timeout: float | None
+    chunksize: int | None
+    buffersize: int | None
+    progress: ProgressArg
 
 
 def _run_chunk(fn: Callable[..., T], *columns: list[Any]) -> list[T]:

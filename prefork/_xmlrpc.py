@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from xmlrpc.server import SimpleXMLRPCRequestHandler, SimpleXMLRPCServer
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ class XMLRPCFront:
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}/RPC2"
 
-    def start(self) -> XMLRPCFront:
+    def start(self) -> Self:
         """Serve in a background thread."""
         self._thread = threading.Thread(target=self.server.serve_forever, name="prefork-xmlrpc", daemon=True)
         self._thread.start()
@@ -186,7 +186,7 @@ class XMLRPCFront:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> XMLRPCFront:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

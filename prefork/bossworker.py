@@ -19,7 +19,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import Any, Self
 
 from prefork import _progress
 from prefork._progress import Progress, ProgressArg
@@ -129,7 +129,7 @@ class BossWorker:
         self._setup(load_facade_config("boss-worker", config, overrides, settings), progress_spec)
 
     @classmethod
-    def from_config(cls, config: Config, *, progress: ProgressArg = False) -> BossWorker:
+    def from_config(cls, config: Config, *, progress: ProgressArg = False) -> Self:
         """A boss built from an already loaded :class:`Config` (as ``prefork run`` does)."""
         self = cls.__new__(cls)
         self._setup(config, _progress.check(progress, "BossWorker"))
@@ -156,15 +156,14 @@ class BossWorker:
         self._closed = False
         config.require("sink", "queue", by="a BossWorker (results come back through get_result)")
         self._sink = _BossSink(self._finished)
-        self._bar = progress.start(0, grows=True, unit="job") if progress is not None else None
-        try:
-            self._sup = Supervisor(config, sink=self._sink)
-            self._sup.start()
-        except BaseException:
-            if self._bar is not None:
-                self._bar.close()
-            raise
-        if self._bar is not None:
+        self._sup = Supervisor(config, sink=self._sink)
+        self._sup.start()
+        if progress is not None:  # its thread starts after the pool's forks (docs/reliability.md, "Forking and threads")
+            try:
+                self._bar = progress.start(0, grows=True, unit="job")
+            except BaseException:
+                self._sup.shutdown(force=True)
+                raise
             weakref.finalize(self, self._bar.close)  # a boss dropped without shut_down()
 
     def _finished(self, ok: bool, value: Any) -> None:
@@ -269,7 +268,7 @@ class BossWorker:
             if self._bar is not None:
                 self._bar.close()
 
-    def __enter__(self) -> BossWorker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

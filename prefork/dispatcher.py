@@ -24,7 +24,7 @@ import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import Any, Self, TypeAlias, TypeVar, TypeVarTuple, overload
 
 import attrs
 
@@ -45,6 +45,11 @@ log = logging.getLogger("prefork.dispatcher")
 
 _LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 _REQUEST_KEYS = frozenset({"method_name", "method", "params", "upon_result", "from"})
+
+#: ``upon_result(request, response)``: a function, or a coroutine function run on the request's event loop
+UponResult: TypeAlias = Callable[[dict[str, Any], Any], object]
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 
 def _print_line(line: str) -> None:
@@ -144,14 +149,14 @@ class Dispatcher:
 
     def __init__(
         self,
-        methods: Mapping[str, Any] | None = None,
+        methods: Mapping[str, Callable[..., Any] | str] | None = None,
         classes: Sequence[Any] | None = None,
-        upon_result: Callable[..., Any] | None = None,
+        upon_result: UponResult | None = None,
         max_forks: int | None = None,
         pre_fork: int | None = None,
         max_requests: int | None = None,
         verbose: int | None = None,
-        talkback: Callable[[str], Any] | str | None = None,
+        talkback: Callable[[str], object] | str | None = None,
         fork_name: str | None = None,
         alias: str | None = None,
         *,
@@ -183,15 +188,15 @@ class Dispatcher:
 
     @classmethod
     def from_config(
-        cls, config: Config, upon_result: Callable[..., Any] | None = None, *, progress: ProgressArg = False
-    ) -> Dispatcher:
+        cls, config: Config, upon_result: UponResult | None = None, *, progress: ProgressArg = False
+    ) -> Self:
         """A dispatcher built from an already loaded :class:`Config` (as ``prefork run`` does)."""
         self = cls.__new__(cls)
         self._setup(config, upon_result, _progress.check(progress, "Dispatcher"))
         return self
 
     def _setup(
-        self, config_obj: Config, upon_result: Callable[..., Any] | None, progress: _progress.Spec | None
+        self, config_obj: Config, upon_result: UponResult | None, progress: _progress.Spec | None
     ) -> None:
         opts = config_obj.dispatcher
         config_obj.require("sink", "callback", honoured=("callback",), by="a Dispatcher (results go to upon_result)")
@@ -212,18 +217,17 @@ class Dispatcher:
                 )
             parent = XmlRpcResolver(opts.xmlrpc_server_parent)
             resolver = attrs.evolve(resolver, extra=(*resolver.extra, parent))
-        self._bar = progress.start(0, grows=True, unit="req") if progress is not None else None
-        try:
-            self._sup = Supervisor(
-                config_obj, sink=CallbackSink(self._deliver), resolver=resolver,
-                plugins=(_SpecialMethods(resolver), self._talk),
-            )
-            self._sup.start()
-        except BaseException:
-            if self._bar is not None:
-                self._bar.close()
-            raise
-        if self._bar is not None:
+        self._sup = Supervisor(
+            config_obj, sink=CallbackSink(self._deliver), resolver=resolver,
+            plugins=(_SpecialMethods(resolver), self._talk),
+        )
+        self._sup.start()
+        if progress is not None:  # its thread starts after the pool's forks (docs/reliability.md, "Forking and threads")
+            try:
+                self._bar = progress.start(0, grows=True, unit="req")
+            except BaseException:
+                self._sup.shutdown(force=True)
+                raise
             weakref.finalize(self, self._bar.close)  # a dispatcher dropped without shutdown()
         self._talk.say(logging.INFO, f"dispatcher started ({config_obj.scaling.name} scaling)")
 
@@ -243,8 +247,15 @@ class Dispatcher:
         self._talk.say(logging.DEBUG, f"request {task_id} queued: {_describe(method)}")
         return task_id
 
-    async def call(self, method: str | Callable[..., Any], *params: Any, from_: Any = None) -> Any:
-        """Dispatch one request and await its response (``{"error": ...}`` on failure)."""
+    @overload
+    async def call(self, method: str, *params: Any, from_: Any = None) -> Any: ...
+    @overload
+    async def call(self, method: Callable[[Any, *Ts], R], *params: *Ts, from_: Any = None) -> R | dict[str, str]: ...
+    async def call(self, method: str | Callable[[Any, *Ts], Any], *params: *Ts, from_: Any = None) -> Any:
+        """Dispatch one request and await its response (``{"error": ...}`` on failure).
+
+        ``method`` is a name, or a callable given ``(from_, *params)``: type checkers
+        check ``params`` against it and type the response as its result or the error."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
 
@@ -296,7 +307,7 @@ class Dispatcher:
                     progress.close_when(lambda: bool(sup.stopped))
         self._talk.say(logging.INFO, "dispatcher stopped")
 
-    def __enter__(self) -> Dispatcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
