@@ -5,12 +5,22 @@
     prefork check [-c prefork.toml] [--set key=value ...]
     prefork plugins [-c prefork.toml]
     prefork simulate [--policy NAME | -c prefork.toml] [--trace FILE.csv | --poisson RATE ...] [--chart out.png]
+    prefork status / prefork ctl (prefork._control_cli), prefork --version
 
-Without ``-c``, ``./prefork.toml`` is read when it exists.  ``run`` imports the
-config's ``app = "module:callable"`` (the current directory is importable),
-builds the pool the profile names, calls ``app(pool)`` and shuts the pool down;
-SIGINT and SIGTERM stop it promptly (queued tasks are cancelled, running ones
-get ``pool.kill_grace`` seconds, then their workers are killed).  The exit code is the app's return value when it is an int.
+Without ``-c``, ``./prefork.toml`` is read when it exists.  Import paths in the
+config are found in the config file's directory first, then in the current
+directory, then on ``sys.path`` (``prefork.config._imports``).  ``run`` imports
+the config's ``app = "module:callable"``, builds the pool the profile names,
+calls ``app(pool)`` and shuts the pool down; SIGINT and SIGTERM stop it promptly
+(queued tasks are cancelled, running ones get ``pool.kill_grace`` seconds, then
+their workers are killed).  The exit code is the app's return value when it is an int.
+
+Every command reports an expected failure (a bad setting, an import path that
+cannot be imported, a port in use, a pool whose workers cannot boot, a file it
+cannot read) as one line, ``prefork: error: ...``, with exit code 2 for bad
+input and 1 otherwise; ``--traceback`` shows the full traceback as well.  An
+exception the app itself lets out of ``app(pool)`` is the app's: shown with its
+traceback, as Python would, exit code 1.
 """
 
 from __future__ import annotations
@@ -21,19 +31,21 @@ import re
 import signal
 import sys
 import tomllib
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+import prefork
 from prefork import _logging, _progress
 from prefork._operate import DERIVED
 from prefork._proctitle import set_title
 from prefork.config import Config, load_config
-from prefork.errors import ConfigError, MissingExtra, PluginError, PreforkError
+from prefork.config._imports import import_problems, import_setting
+from prefork.errors import ConfigError, MissingExtra, PluginError, PreforkError, error_text
 from prefork.strategies.registry import KINDS
-from prefork.strategies.resolver import import_object
 
 
 class _Stop(BaseException):
@@ -42,6 +54,23 @@ class _Stop(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class _AppFailed(Exception):
+    """An exception other than prefork's own let out of ``app(pool)`` (its ``__cause__``):
+    the app's to show, with its traceback."""
+
+
+def _guarded(app: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any) -> Any:
+        try:
+            return app(*args)
+        except PreforkError:
+            raise
+        except Exception as exc:
+            raise _AppFailed() from exc
+
+    return call
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -67,6 +96,14 @@ def _config_path(arg: str | None) -> str | None:
 
 def _load(args: argparse.Namespace) -> Config:
     return load_config(_config_path(args.config), _parse_set(args.set))
+
+
+def _cwd_importable() -> None:
+    """The current directory on ``sys.path`` (at the front, unless it is on it already), as
+    ``python -m`` does; a config file's directory goes before it when the config is read."""
+    here = os.getcwd()
+    if here not in {os.path.realpath(entry or os.curdir) for entry in sys.path if isinstance(entry, str)}:
+        sys.path.insert(0, here)
 
 
 def _operable(config: Config) -> Config:
@@ -162,13 +199,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"profile {config.profile!r} cannot be started by `prefork run` yet "
             f"(profiles it runs: {', '.join(sorted(RUNNERS))})"
         )
-    sys.path.insert(0, os.getcwd())
-    try:
-        app = import_object(config.app)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"app = {config.app!r}: cannot import it: {exc}") from exc
-    if not callable(app):
-        raise ConfigError(f"app = {config.app!r}: {type(app).__name__} is not callable")
+    problems = import_problems(config, in_worker=False)  # what this process imports anyway, before a pool starts
+    if problems:
+        raise problems[0]
+    app = import_setting(config, "app", config.app)
     bar = _run_bar(config, app, args.progress)
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -177,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     set_title(f"{config.name} supervisor")
     try:
-        result = runner(config, app, bar)
+        result = runner(config, _guarded(app), bar)
     except _Stop as stop:
         print(f"prefork: stopped by {signal.Signals(stop.signum).name}", file=sys.stderr)
         return 128 + stop.signum
@@ -221,15 +255,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _operable(load_config(path, overrides))
     if config.scaling.name != "spare":
         print(f"prefork serve: note: scaling is {config.scaling.name!r}, not 'spare'", file=sys.stderr)
-    sys.path.insert(0, os.getcwd())
-    try:
-        return serve(config, lambda host, port: print(f"prefork serve: listening on {host}:{port}", flush=True))
-    except PreforkError as exc:
-        raise ConfigError(str(exc)) from exc
+    return serve(config, lambda host, port: print(f"prefork serve: listening on {host}:{port}", flush=True))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config and import every import path in it (``app``, ``mpm.wsgi``,
+    ``pool.initializer`` ...; plugins and strategies are imported by loading it), calling
+    none: each one that is wrong is a line of its own."""
     config = _load(args)
+    problems = import_problems(config)
+    for problem in problems:
+        _report(problem, args.traceback)
+    if problems:
+        return 2
     sys.stdout.write(config.to_toml())
     print(f"# OK: profile {config.profile!r}, {len(config.plugins)} listed plugin(s)", file=sys.stderr)
     return 0
@@ -255,8 +293,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"prefork {prefork.__version__}")
+        parser.exit()
+
+
+_TRACEBACK_HELP = "on an error, show the full traceback as well as the one-line message"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefork", description="Preforking process pools.")
+    parser.add_argument("-V", "--version", action=_Version, help="print prefork's version and exit")
+    parser.add_argument("--traceback", action="store_true", help=_TRACEBACK_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in (
         ("run", cmd_run, "start the app the config names"),
@@ -290,13 +345,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help=text, description=text)
     simulate.add_arguments(p)
     p.set_defaults(func=simulate.run)
+    for command in _subcommands(parser):  # `prefork --traceback run` and `prefork run --traceback` alike
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=_TRACEBACK_HELP)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (``prefork ctl NAME stop``) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield command
+                yield from _subcommands(command)
+
+
+def _summary(exc: BaseException, full: bool) -> str:
+    """One line: the message's first line; for a message that carries a traceback (a
+    worker's boot failure), also its last line, the exception.  Where there is more to
+    see (the rest of the message, where an OSError came from), it says how."""
+    lines = [line.strip() for line in error_text(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = lines[0]
+    if len(lines) > 1 and any(line.startswith("Traceback (most recent call last)") for line in lines):
+        text += f" {lines[-1]}"
+    if (len(lines) > 1 or isinstance(exc, OSError)) and not full:
+        text += " (more with --traceback)"
+    return text
+
+
+def _report(exc: BaseException, full: bool) -> None:
+    if full:
+        traceback.print_exception(exc)
+    print(f"prefork: error: {_summary(exc, full)}", file=sys.stderr)
+
+
+#: bad input: exit code 2 (as for a bad command line); other expected failures: 1
+_BAD_INPUT = (ConfigError, PluginError, MissingExtra)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _cwd_importable()
         return int(args.func(args))
-    except (ConfigError, PluginError, MissingExtra) as exc:
-        print(f"prefork: error: {exc}", file=sys.stderr)
-        return 2
+    except _AppFailed as failed:  # the app's own exception: as Python shows it
+        traceback.print_exception(failed.__cause__ or failed)
+        return 1
+    except (PreforkError, OSError) as exc:
+        _report(exc, args.traceback)
+        return 2 if isinstance(exc, _BAD_INPUT) else 1

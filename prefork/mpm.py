@@ -27,18 +27,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from types import FrameType
+from typing import Any, NoReturn, Self, TypeVarTuple, overload
+
+import attrs
 
 from prefork._datahook import _DataForwarder, _DataHookProcess
 from prefork._supervisor import Supervisor
 from prefork._worker import STACK_SIGNAL, ForkedChild, WorkerHandle, current_worker
 from prefork.config import Config, load_facade_config
-from prefork.errors import PreforkError
+from prefork.config._imports import import_problems, import_setting
+from prefork.config.model import MPMConfig
+from prefork.errors import ConfigError, PreforkError
 from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import SparePolicy
 
 __all__ = ["MPM", "busy", "exit", "idle", "pf_done", "pf_init", "pf_kid_busy", "pf_kid_exit", "pf_kid_idle",
            "pf_kid_new", "pf_kid_yell", "pf_whip_kids", "yell"]  # fmt: skip
+
+Ts = TypeVarTuple("Ts")  # the arguments whip_kids' code is given
 
 
 # -- in the child -----------------------------------------------------------------------
@@ -111,6 +118,27 @@ def _child_main(code: Callable[..., Any], args: tuple[Any, ...], handlers: Mappi
 # -- the parent ---------------------------------------------------------------------------------
 
 
+def _user_set(source: str) -> bool:
+    return source not in ("", "defaults") and not source.startswith("profile ")
+
+
+def _refuse_serve_only(config: Config) -> None:
+    """An ``[mpm]`` setting only ``prefork serve`` honours (``bind``, ``wsgi``, the WSGI
+    limits ...) is refused, never ignored: set by the user's file or keyword arguments, or
+    different from its default."""
+    defaults = MPMConfig()
+    for field in attrs.fields(MPMConfig):
+        if not field.metadata.get("serve_only"):
+            continue
+        key = f"mpm.{field.name}"
+        value = getattr(config.mpm, field.name)
+        source = config.sources.get(key, "")
+        if value != getattr(defaults, field.name) or _user_set(source):
+            raise ConfigError(f"{source or 'the configuration'}: {key} = {value!r}: honoured by `prefork serve` only; "
+                              "prefork.MPM (and `prefork run`) binds nothing: its children find their own work. "
+                              "Remove it, or start this config with `prefork serve`")
+
+
 class MPM:
     """A self-regulating pool of children that find their own work.
 
@@ -125,8 +153,8 @@ class MPM:
         min_spare_servers: int | None = None,
         max_spare_servers: int | None = None,
         max_servers: int | None = None,
-        child_sigh: Mapping[str, Any] | None = None,
-        child_data_hook: Callable[..., Any] | str | None = None,
+        child_sigh: Mapping[str, Callable[[int, FrameType | None], object] | str] | None = None,
+        child_data_hook: Callable[[int, Any, int | None], object] | str | None = None,
         data_hook_in_main: bool | None = None,
         *,
         config: str | os.PathLike[str] | None = None,
@@ -146,13 +174,25 @@ class MPM:
         self._setup(load_facade_config("mpm", config, overrides, settings))
 
     @classmethod
-    def from_config(cls, config: Config) -> MPM:
+    def from_config(cls, config: Config) -> Self:
         """An MPM built from an already loaded :class:`Config`."""
         self = cls.__new__(cls)
         self._setup(config)
         return self
 
-    def _setup(self, config: Config) -> None:
+    @classmethod
+    def _for_serve(cls, config: Config) -> MPM:
+        """``prefork serve``'s MPM: the one that honours the ``[mpm]`` settings of a server."""
+        self = cls.__new__(cls)
+        self._setup(config, serving=True)
+        return self
+
+    def _setup(self, config: Config, serving: bool = False) -> None:
+        if not serving:
+            _refuse_serve_only(config)
+        problems = import_problems(config, "mpm.", in_worker=False)  # child_data_hook, child_sigh: one line each
+        if problems:
+            raise problems[0]
         self.config = config
         self._owner = os.getpid()
         self._sup: Supervisor | None = None
@@ -169,7 +209,7 @@ class MPM:
         opts = config.mpm
         self._child_signals = parse_child_sigh(opts.child_sigh)
         hook = opts.child_data_hook or None
-        self._hook = import_object(hook) if isinstance(hook, str) else hook
+        self._hook = import_setting(config, "mpm.child_data_hook", hook) if isinstance(hook, str) else hook
 
     def _start(
         self, body: Callable[..., Any] | None, args: tuple[Any, ...], return_in_child: bool = False,
@@ -202,8 +242,14 @@ class MPM:
         if os.getpid() != self._owner:
             raise RuntimeError(f"{what} is for the parent; this is a child (pid {os.getpid()})")
 
+    @overload
+    def whip_kids(self, code: Callable[[], object], args: tuple[()] = (), timeout: float | None = None) -> int | None: ...
+    @overload
+    def whip_kids(self, code: Callable[[*Ts], object], args: tuple[*Ts], timeout: float | None = None) -> int | None: ...
+    @overload
+    def whip_kids(self, code: Callable[..., object], args: list[Any], timeout: float | None = None) -> int | None: ...
     def whip_kids(
-        self, code: Callable[..., Any], args: tuple[Any, ...] | list[Any] = (), timeout: float | None = None
+        self, code: Callable[..., object], args: tuple[Any, ...] | list[Any] = (), timeout: float | None = None
     ) -> int | None:
         """Keep the children going, each running ``code(*args)``; return 1 as soon
         as a child changed status, sent data or exited (or ``timeout`` seconds

@@ -104,8 +104,12 @@ def build_plugin_manager(plugins: Sequence[str | object] = (), autoload: bool | 
                 continue
             try:
                 module = importlib.import_module(plugin)
-            except Exception as exc:
+            except ImportError as exc:
                 raise PluginError(f"plugins = [...]: cannot import plugin module {plugin!r}: {exc}") from exc
+            except Exception as exc:  # its code failed: which exception, on one line
+                text = " ".join(str(exc).split())
+                raise PluginError(f"plugins = [...]: cannot import plugin module {plugin!r}: "
+                                  f"{type(exc).__name__}: {text}") from exc
             if pm.is_registered(module):
                 continue  # already there, through its entry point
             _register(pm, module, plugin)

@@ -43,9 +43,9 @@ from prefork._supervisor import Supervisor
 from prefork._upgrade import PREDECESSOR, Successor, announce_ready, inherited_listener, ready_fd
 from prefork._worker import current_worker
 from prefork.config import Config
+from prefork.config._imports import import_problems, import_setting
 from prefork.errors import ConfigError
 from prefork.mpm import MPM
-from prefork.strategies.resolver import import_object
 from prefork.strategies.scaling import OnDemandPolicy, SparePolicy
 
 __all__ = ["serve"]
@@ -255,13 +255,11 @@ class _SignalDesk:
 def _handler(config: Config) -> Callable[[socket.socket, Any], Any]:
     """What each child calls per connection: the app, or a WSGI app served over HTTP/1.1."""
     key, spec = ("mpm.wsgi", config.mpm.wsgi) if config.mpm.wsgi else ("app", config.app)
-    try:
-        target = import_object(spec)
-    except (ImportError, AttributeError, ValueError) as exc:
-        _refuse(config, key, spec, f"cannot import it: {exc}")
-    if not callable(target):
-        calls = "app(environ, start_response)" if config.mpm.wsgi else "handle(conn, addr)"
-        _refuse(config, key, spec, f"{type(target).__name__} is not callable; prefork serve calls {calls}")
+    calls = "app(environ, start_response)" if config.mpm.wsgi else "handle(conn, addr)"
+    target = import_setting(config, key, spec, f"prefork serve calls {calls}")
+    problems = import_problems(config, in_worker=False)  # what else this process imports (mpm.child_sigh ...)
+    if problems:
+        raise problems[0]
     if not config.mpm.wsgi:
         return cast(Callable[[socket.socket, Any], Any], target)
     from prefork._wsgi import make_handler  # without h11: MissingExtra, one line
@@ -329,7 +327,8 @@ def _open_listener(config: Config, passed: socket.socket | None) -> socket.socke
     try:
         return socket.create_server((host.strip("[]"), int(port)), backlog=config.mpm.backlog)
     except OSError as exc:
-        raise ConfigError(f"mpm.bind = {config.mpm.bind!r}: cannot listen there: {exc.strerror or exc}") from None
+        raise ConfigError(f"{_source(config, 'mpm.bind')}: mpm.bind = {config.mpm.bind!r}: cannot listen there: "
+                          f"{exc.strerror or exc}") from exc
 
 
 def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> int:
@@ -356,7 +355,7 @@ def serve(config: Config, ready: Callable[[str, int], object] | None = None) -> 
     tell_old = ready_fd()  # an upgrade: the old master waits for our word
     announcer = _systemd.Announcer(_systemd.describe(listener), watchdog, successor=tell_old >= 0)
     why = "the supervisor failed"  # what STOPPING=1 says, unless a stop signal or a boot failure ends the loop
-    mpm = MPM.from_config(config)
+    mpm = MPM._for_serve(config)  # with the [mpm] settings that only prefork serve honours
     desk = _SignalDesk(mpm)
     _logging.set_role("supervisor")
     set_title(f"{config.name} supervisor")

@@ -20,6 +20,7 @@ from prefork.errors import OptionError
 from prefork.strategies.registry import KINDS, did_you_mean
 
 __all__ = [
+    "ImportPathCheck",
     "Validator",
     "as_float",
     "as_tuple",
@@ -144,16 +145,30 @@ def nonempty_str(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> 
         raise OptionError(attribute.name, value, "must be a non-empty string")
 
 
-def callable_spec(*, allow_callable: bool) -> Validator:
-    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if allow_callable and callable(value):
+class ImportPathCheck:
+    """The validator of a setting that names an import path, ``"module:callable"``
+    (``""``: none); with ``allow_callable``, code may give the callable itself;
+    ``in_worker``: only the workers import it (the caller hands them the path).
+    ``prefork.config._imports`` finds these settings by this class."""
+
+    def __init__(self, allow_callable: bool, in_worker: bool = False) -> None:
+        self.allow_callable = allow_callable
+        self.in_worker = in_worker
+
+    def __call__(self, instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if self.allow_callable and callable(value):
             return
         if isinstance(value, str) and (value == "" or _CALLABLE_SPEC.match(value)):
             return
-        wanted = "'module:callable', a callable or \"\"" if allow_callable else "'module:callable' or \"\""
+        wanted = "'module:callable', a callable or \"\"" if self.allow_callable else "'module:callable' or \"\""
         raise OptionError(attribute.name, value, f"must be {wanted}")
 
-    return check
+    def __repr__(self) -> str:
+        return f"callable_spec(allow_callable={self.allow_callable}, in_worker={self.in_worker})"
+
+
+def callable_spec(*, allow_callable: bool, in_worker: bool = False) -> ImportPathCheck:
+    return ImportPathCheck(allow_callable, in_worker)
 
 
 def as_tuple(value: Any) -> Any:
@@ -206,9 +221,16 @@ def read_only(value: Mapping[str, str]) -> Mapping[str, str]:
     return types.MappingProxyType(dict(value))
 
 
-def doc(text: str, type_name: str = "") -> dict[str, str]:
-    """Field metadata: ``doc`` for the reference, and ``type`` where the annotation is not what a file holds."""
-    return {"doc": text, "type": type_name} if type_name else {"doc": text}
+def doc(text: str, type_name: str = "", *, serve_only: bool = False) -> dict[str, Any]:
+    """Field metadata: ``doc`` for the reference, ``type`` where the annotation is not what a
+    file holds, and ``serve_only`` for an ``[mpm]`` setting only ``prefork serve`` honours
+    (``prefork.MPM`` refuses it)."""
+    meta: dict[str, Any] = {"doc": text}
+    if type_name:
+        meta["type"] = type_name
+    if serve_only:
+        meta["serve_only"] = True
+    return meta
 
 
 def signal_map(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

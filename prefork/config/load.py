@@ -11,11 +11,13 @@ import functools
 import importlib.resources
 import os
 import pkgutil
+import tomllib
 from collections.abc import Mapping
 from typing import Any, Final
 
 import attrs
 
+from prefork.config._imports import add_config_directory
 from prefork.config.model import (
     ALL_KEYS,
     TABLES,
@@ -30,11 +32,6 @@ from prefork.config.model import (
 from prefork.errors import ConfigError, OptionError, PluginError
 from prefork.plugins import build_plugin_manager, build_registry
 from prefork.strategies.registry import KINDS, StrategyRegistry, did_you_mean
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
 
 __all__ = ["DEFAULT_PROFILE", "KEYWORDS", "load_config", "profile_names", "profile_text"]
 
@@ -388,9 +385,16 @@ def load_config(
     ``overrides`` is a nested dict or has dotted keys (``{"scaling.workers": 4}``);
     its values may be Python objects, such as a callable for ``pool.initializer``.
     Every problem is a :class:`ConfigError` naming the source, key, value and reason.
+
+    The directory of the file at ``path`` goes to the front of ``sys.path`` (unless it
+    is on it already), so that the modules the file names beside itself are found
+    there first (``prefork.config._imports`` says why).
     """
     file_source = os.fsdecode(path) if path is not None else ""
-    file_data = _normalize(_read_file(path, file_source), file_source) if path is not None else {}
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        file_data = _normalize(_read_file(path, file_source), file_source)
+        add_config_directory(path)
     keyword_data = _normalize(_expand(overrides or {}), KEYWORDS)
     profile, profile_source = _choose_profile(file_data, keyword_data, file_source, default_profile)
 

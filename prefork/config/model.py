@@ -173,7 +173,7 @@ class BossWorkerConfig:
     ``worker_count`` is ``scaling.workers``."""
 
     work_handler: str | Callable[..., Any] = attrs.field(
-        default="", validator=callable_spec(allow_callable=True),
+        default="", validator=callable_spec(allow_callable=True, in_worker=True),
         metadata=doc("'module:callable' (or, from code, a callable) run in a worker for each job", "str | callable"),
     )
     result_handler: str | Callable[..., Any] = attrs.field(
@@ -227,7 +227,9 @@ class MPMConfig:
     """The ``[mpm]`` table: what the MPM profile (``prefork.MPM``, ``prefork serve``)
     adds to the core.  The seed's spare-server options are the ``spare`` scaling
     policy's: ``start_servers``, ``min_spare`` (min_spare_servers), ``max_spare``
-    (max_spare_servers) and ``max_servers``."""
+    (max_spare_servers) and ``max_servers``.  ``bind``, ``backlog``, ``read_timeout``,
+    ``wsgi`` and the WSGI limits are ``prefork serve``'s alone: ``prefork.MPM`` and
+    ``prefork run`` bind nothing and refuse them in one line rather than ignore them."""
 
     child_sigh: Mapping[str, Any] = attrs.field(
         factory=dict, converter=frozen_mapping, validator=signal_map, hash=False,
@@ -245,40 +247,45 @@ class MPMConfig:
     )
     bind: str = attrs.field(
         default="127.0.0.1:8000", validator=host_port,
-        metadata=doc("host:port that `prefork serve` listens on (port 0: any free port)"),
+        metadata=doc("host:port that `prefork serve` listens on (port 0: any free port)", serve_only=True),
     )
-    backlog: int = attrs.field(default=128, validator=int_ge(1), metadata=doc("listen() backlog of `prefork serve`"))
+    backlog: int = attrs.field(
+        default=128, validator=int_ge(1), metadata=doc("listen() backlog of `prefork serve`", serve_only=True),
+    )
     read_timeout: float = attrs.field(
         default=30.0, converter=as_float, validator=seconds(0),
         metadata=doc("seconds a read or write on a `prefork serve` connection may wait: the socket timeout set "
                       "before handle(conn, addr), whose waits then raise TimeoutError (socket.timeout), so idle "
-                      "clients cannot hold every child (0: none)"),
+                      "clients cannot hold every child (0: none)", serve_only=True),
     )
     wsgi: str = attrs.field(
         default="", validator=callable_spec(allow_callable=False),
         metadata=doc("'module:app': `prefork serve` serves this WSGI application over HTTP/1.1 instead of calling "
-                      "app(conn, addr) (\"\": not WSGI)"),
+                      "app(conn, addr) (\"\": not WSGI)", serve_only=True),
     )
     max_header_bytes: int = attrs.field(
         default=65536, validator=int_ge(256),
-        metadata=doc("WSGI: most bytes of a request line and headers together; more is answered 431"),
+        metadata=doc("WSGI: most bytes of a request line and headers together; more is answered 431",
+                     serve_only=True),
     )
     max_headers: int = attrs.field(
-        default=100, validator=int_ge(1), metadata=doc("WSGI: most header fields in a request; more is answered 431"),
+        default=100, validator=int_ge(1),
+        metadata=doc("WSGI: most header fields in a request; more is answered 431", serve_only=True),
     )
     max_body: int = attrs.field(
         default=64 * 2**20, validator=int_ge(0),
-        metadata=doc("WSGI: most bytes of a request body (declared or chunked); more is answered 413 (0: no limit)"),
+        metadata=doc("WSGI: most bytes of a request body (declared or chunked); more is answered 413 (0: no limit)",
+                     serve_only=True),
     )
     header_timeout: float = attrs.field(
         default=10.0, converter=as_float, validator=seconds(0, strict=True),
         metadata=doc("WSGI: seconds a client has to send a whole request line and headers (slowloris); then the "
-                      "connection is closed (408 if it sent part of one)"),
+                      "connection is closed (408 if it sent part of one)", serve_only=True),
     )
     keepalive_timeout: float = attrs.field(
         default=5.0, converter=as_float, validator=seconds(0),
         metadata=doc("WSGI: seconds an idle keep-alive connection waits for its next request (0: one request per "
-                      "connection)"),
+                      "connection)", serve_only=True),
     )
     request_timeout: float = attrs.field(
         default=0.0, converter=as_float, validator=seconds(0),

@@ -59,9 +59,27 @@ reported with where the value came from, the key, the value and the reason, for 
 
 A config file is a few settings: one larger than 1 MiB, or with tables or arrays nested more
 than 32 levels deep, is refused with one such line before anything else is read from it.
-`prefork check` validates without running the app, but it does import what validation
-needs: the modules named in `plugins = [...]` (their top-level code runs, as with any import,
-and a module in the current directory is found there) and the import paths of strategy options."""
+
+Import paths in a config file (`app`, `plugins`, strategy names and options such as
+`methods = { add = "myapp:add" }`, handlers such as `pool.initializer` and `mpm.wsgi`) are
+found beside the file first: reading the file puts its directory (symlinks resolved) at the
+front of `sys.path`, unless it is on it already, and leaves it there for the rest of the
+process, whose workers inherit it. So `prefork run -c deploy/prefork.toml` finds
+`deploy/myapp.py` from any directory. The file's directory comes first because the modules
+it names are the ones beside it, as `python deploy/script.py` imports from `deploy` first;
+the price is that a module there shadows a same-named one for the whole process, so keep
+that directory for the config and its app. The `prefork` command looks next in the current
+directory, then on the rest of `sys.path`.
+
+`prefork check` validates without running the app, but it imports every import path in the
+config (a module's top-level code runs, as with any import) and calls none of them: each one
+that cannot be imported, or that names something not callable, is reported on a line of its
+own, such as `prefork.toml: app = 'nosuchmod:main': cannot import it: No module named
+'nosuchmod'`, and the exit code is 2. `prefork run` and `prefork serve` import the ones their
+own process uses (not `boss_worker.work_handler` nor the resolvers' `methods` and `classes`,
+which only workers import) before a worker starts, and stop at the first wrong one with
+the same line. Every `prefork` command reports an expected failure in one such line
+(`--traceback` adds the full traceback)."""
 
 
 def _cell(text: str) -> str:

@@ -20,6 +20,9 @@ from prefork.errors import OptionError
 
 @runtime_checkable
 class MethodResolver(Protocol):
+    """Turns a task's method name into the callable a worker runs: ``resolve``
+    returns ``None`` for a name it does not know (docs/plugins.md, section 6)."""
+
     name: ClassVar[str]
 
     def resolve(self, method: str) -> Callable[..., Any] | None: ...
@@ -73,7 +76,8 @@ class MethodsResolver:
 
     name: ClassVar[str] = "methods"
     methods: Mapping[str, Any] = attrs.field(
-        factory=dict, validator=_check_methods, metadata={"doc": "map of method name to callable or 'module:callable'"}
+        factory=dict, validator=_check_methods,
+        metadata={"doc": "map of method name to callable or 'module:callable'", "import": "callable"},
     )
 
     def resolve(self, method: str) -> Callable[..., Any] | None:
@@ -97,7 +101,8 @@ class ClassesResolver:
     name: ClassVar[str] = "classes"
     classes: Sequence[Any] = attrs.field(
         factory=tuple, converter=tuple, validator=_check_classes,
-        metadata={"doc": "classes or modules (objects, or 'module' / 'module:Class' strings) searched in order"},
+        metadata={"doc": "classes or modules (objects, or 'module' / 'module:Class' strings) searched in order",
+                  "import": "object"},
     )
 
     def resolve(self, method: str) -> Callable[..., Any] | None:
@@ -188,8 +193,10 @@ class ChainResolver:
     then any ``extra`` resolvers (objects given in code)."""
 
     name: ClassVar[str] = "chain"
-    methods: Mapping[str, Any] = attrs.field(factory=dict, validator=_check_methods, metadata={"doc": "as for the 'methods' resolver"})
-    classes: Sequence[Any] = attrs.field(factory=tuple, converter=tuple, validator=_check_classes, metadata={"doc": "as for the 'classes' resolver"})
+    methods: Mapping[str, Any] = attrs.field(factory=dict, validator=_check_methods,
+                                             metadata={"doc": "as for the 'methods' resolver", "import": "callable"})
+    classes: Sequence[Any] = attrs.field(factory=tuple, converter=tuple, validator=_check_classes,
+                                         metadata={"doc": "as for the 'classes' resolver", "import": "object"})
     imports: bool = attrs.field(default=True, metadata={"doc": "resolve 'module:attr' names by importing them"})
     extra: Sequence[MethodResolver] = attrs.field(factory=tuple, converter=tuple, metadata={"doc": "more resolver objects, tried last (code only)"})
 
