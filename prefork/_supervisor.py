@@ -42,14 +42,16 @@ from prefork._scaler import Scaler, evolve_policy
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._status import Tally, snapshot
 from prefork._task import Task, WorkerInfo
+from prefork._threads import join_thread
 from prefork._worker import WorkerContext
 from prefork._worker_io import log
 from prefork._workers import Worker, WorkerTable
+from prefork.config._imports import pool_callable
 from prefork.errors import ConfigError, PoolBroken, PoolShutDown, PreforkError
 from prefork.plugins import pool_plugin_manager
 from prefork.strategies import optional
 from prefork.strategies.registry import KINDS
-from prefork.strategies.resolver import MethodResolver, import_object
+from prefork.strategies.resolver import MethodResolver
 from prefork.strategies.scaling import ScalingPolicy
 from prefork.strategies.serializer import Serializer
 from prefork.strategies.sink import ResultSink
@@ -59,11 +61,6 @@ WORKER_LIMIT: Final = 64  #: a pool may grow to this many workers at run time (o
 _NO_KWARGS: Final[dict[str, Any]] = {}  #: shared by calls without keyword arguments; never mutated
 
 __all__ = ["KILL_WAIT", "WORKER_LIMIT", "Supervisor"]
-
-
-def _callable(spec: Any) -> Any:
-    """A callable from the config: itself, ``"module:name"`` imported, or ``None`` for ``""``."""
-    return import_object(spec) if isinstance(spec, str) and spec else (spec or None)
 
 
 class Supervisor(PoolLoop):
@@ -108,9 +105,9 @@ class Supervisor(PoolLoop):
         self.resolver: MethodResolver = resolver if resolver is not None else config.create("resolver")
         self.transport: Transport = config.create("transport")
         self.sink: ResultSink = sink if sink is not None else config.create("sink")
-        initializer = initializer or _callable(pool.initializer)
+        initializer = initializer or pool_callable(config, "initializer")
         initargs = tuple(pool.initargs) if initargs is None else initargs
-        finalizer = _callable(pool.finalizer)
+        finalizer = pool_callable(config, "finalizer")
         self.max_workers = self._scaler.policy.max_workers()
         #: most workers at once, whatever the policy becomes at run time (the scoreboard's size)
         self.worker_limit = max(self.max_workers, WORKER_LIMIT) if self.max_workers else 0
@@ -289,7 +286,7 @@ class Supervisor(PoolLoop):
         try:
             if self._thread is not None:
                 if self._thread is not threading.current_thread():
-                    self._thread.join()
+                    join_thread(self._thread)  # gone from the kernel too: the next pool may fork at once
             else:
                 while not self._stopped:
                     self.step()

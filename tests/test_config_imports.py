@@ -302,3 +302,20 @@ def test_a_facade_names_the_key_of_a_child_data_hook_it_cannot_import(own_sys_pa
     with pytest.raises(ConfigError, match=r"^keyword arguments: mpm.child_data_hook = 'nosuchmod:hook': cannot import "
                                           r"it: No module named 'nosuchmod'$"):
         MPM(child_data_hook="nosuchmod:hook")
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("initializer", "nosuchmod_for_init:setup", "cannot import it: No module named 'nosuchmod_for_init'"),
+    ("finalizer", "os:sep", "str is not callable"),
+])
+def test_a_pool_from_code_names_a_bad_initializer_or_finalizer(tmp_path: Path, key: str, value: str,
+                                                               says: str) -> None:
+    """Library use (no CLI in between): the pool's own import of pool.initializer /
+    pool.finalizer fails with a ConfigError naming the file, the key and the value."""
+    cfg = tmp_path / "prefork.toml"
+    cfg.write_text(f'[pool]\n{key} = "{value}"\n')
+    from prefork import Executor
+
+    with pytest.raises(ConfigError) as info:
+        Executor(max_workers=1, config=cfg)
+    assert str(info.value) == f"{cfg}: pool.{key} = {value!r}: {says}"

@@ -38,7 +38,8 @@ from prefork.errors import ConfigError
 from prefork.strategies.registry import KINDS
 from prefork.strategies.resolver import import_object
 
-__all__ = ["ImportPath", "add_config_directory", "import_paths", "import_problems", "import_setting", "setting_source"]
+__all__ = ["ImportPath", "add_config_directory", "import_paths", "import_problems", "import_setting", "pool_callable",
+           "setting_source"]
 
 #: child_sigh values that are actions, not import paths
 _SIGNAL_ACTIONS = ("DEFAULT", "IGNORE")
@@ -167,3 +168,10 @@ def import_problems(config: Config, prefix: str = "", *, in_worker: bool = True)
             except ConfigError as exc:
                 problems.append(exc)
     return problems
+
+
+def pool_callable(config: Config, name: str) -> Any:
+    """``pool.<name>`` (``initializer``, ``finalizer``): itself, its ``"module:name"`` imported
+    (a :class:`ConfigError` naming the setting when it cannot be), or ``None``."""
+    spec = getattr(config.pool, name)
+    return import_setting(config, f"pool.{name}", spec) if isinstance(spec, str) and spec else (spec or None)
