@@ -171,6 +171,14 @@ class _Maps:
 class Executor(_Maps, _StdExecutor):
     """A process pool with the ``concurrent.futures`` interface.
 
+    Leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) cancels the queued
+    tasks, gives the running ones ``pool.kill_grace`` seconds, then kills them; a
+    second Ctrl-C while it waits kills them at once.
+
+    A pool that is no longer referenced and was not shut down shuts down as
+    ``shutdown(wait=False)`` does (its queued tasks still run), with a
+    :class:`ResourceWarning` naming the line that made it.
+
     :param max_workers: workers to keep (default: the config's, else one per CPU).
     :param initializer: called with ``initargs`` in each worker after it starts.
     :param max_tasks_per_child: replace a worker after this many tasks.
@@ -189,14 +197,6 @@ class Executor(_Maps, _StdExecutor):
         once), its total rising as tasks are submitted, closed at shutdown: ``True``
         (when stderr is a terminal), ``"force"``, a bar or a bar factory; see
         ``docs/progress.md``.  ``map(progress=...)`` shows one map alone.
-
-    Leaving a ``with`` block by Ctrl-C (``KeyboardInterrupt``) cancels the queued
-    tasks, gives the running ones ``pool.kill_grace`` seconds, then kills them; a
-    second Ctrl-C while it waits kills them at once.
-
-    A pool that is no longer referenced and was not shut down shuts down as
-    ``shutdown(wait=False)`` does (its queued tasks still run), with a
-    :class:`ResourceWarning` naming the line that made it.
     """
 
     _bar: Progress | None = None  # the pool's bar (progress=); None: no bar, nothing counted

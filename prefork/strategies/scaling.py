@@ -36,6 +36,8 @@ class PoolStats:
 
 @attrs.frozen
 class Decision:
+    """What a policy's ``decide`` returns: workers to fork and to retire now, and when to ask again."""
+
     spawn: int = 0  #: workers to fork now
     retire: int = 0  #: idle workers to stop now (never a busy one)
     spawn_rate: int = 1  #: state handed back in the next snapshot
@@ -44,6 +46,10 @@ class Decision:
 
 @runtime_checkable
 class ScalingPolicy(Protocol):
+    """How many workers a pool keeps.  The supervisor calls ``decide`` with a
+    :class:`PoolStats` snapshot when something changed (and after ``next_tick``)
+    and forks or retires what the :class:`Decision` says (docs/plugins.md, section 3)."""
+
     name: ClassVar[str]
 
     def max_workers(self) -> int:

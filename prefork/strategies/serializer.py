@@ -26,9 +26,13 @@ from prefork._hooks import hookimpl
 
 @runtime_checkable
 class Serializer(Protocol):
-    """Optional extras: ``takes_buffers`` (above) and ``dumps_parts(obj)``, which
-    returns the bytes as a list of parts that are sent one after the other (large
-    blobs left as they are, never joined); prefork uses it when present."""
+    """How payloads become bytes and back (docs/plugins.md, section 5).
+
+    Optional extras: ``takes_buffers`` (true: ``loads`` accepts any bytes-like
+    object, so payloads reach it as views into the received frame, not copies) and
+    ``dumps_parts(obj)``, which returns the bytes as a list of parts that are sent
+    one after the other (large blobs left as they are, never joined); prefork uses
+    it when present."""
 
     name: ClassVar[str]
     #: True when any picklable object (exceptions, callables) survives a round trip.

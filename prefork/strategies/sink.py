@@ -24,6 +24,10 @@ log = logging.getLogger("prefork.sink")
 
 @runtime_checkable
 class ResultSink(Protocol):
+    """Where each task's one outcome goes, in the supervisor: ``attach`` at submit
+    returns what the caller gets back, ``claim`` just before dispatch may drop the
+    task, ``deliver`` runs exactly once per task (docs/plugins.md, section 7)."""
+
     name: ClassVar[str]
 
     def attach(self, task: Task) -> Any: ...

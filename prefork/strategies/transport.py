@@ -52,6 +52,8 @@ class ParentChannel(Protocol):
 
 
 class ChildChannel(Protocol):
+    """The worker's end: whole frames, sent and received blocking."""
+
     def fileno(self) -> int: ...
 
     def send(self, frame: bytes) -> None: ...
@@ -64,6 +66,10 @@ class ChildChannel(Protocol):
 
 @runtime_checkable
 class Transport(Protocol):
+    """How frames travel between the supervisor and a worker: a socket pair made
+    before the fork, wrapped in a :class:`ParentChannel` in the supervisor and a
+    :class:`ChildChannel` in the worker (docs/plugins.md, section 4)."""
+
     name: ClassVar[str]
 
     def socketpair(self) -> tuple[socket.socket, socket.socket]:
