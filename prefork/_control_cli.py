@@ -151,6 +151,12 @@ def _counts(counts: Any, order: tuple[str, ...] = ()) -> str:
     return ", ".join(f"{_num(counts[k])} {_clean(k)}" for k in keys)
 
 
+def _keepalive(totals: Any) -> str:
+    """``N keepalive, `` when prefork serve children wait on kept-alive connections (never in a task pool)."""
+    n = _get(totals, "keepalive", 0)
+    return f"{_num(n)} keepalive, " if n else ""
+
+
 def _policy_line(policy: Any) -> str:
     if not isinstance(policy, Mapping):
         return "policy: ?"
@@ -173,7 +179,7 @@ def render_status(snapshot: Mapping[str, Any], width: int) -> str:
         f"up {format_duration(_get(snapshot, 'uptime'))}",
         _policy_line(_get(snapshot, "policy")),
         f"workers: {_num(_get(totals, 'workers', 0))} ({_num(_get(totals, 'busy', 0))} busy, "
-        f"{_num(_get(totals, 'idle', 0))} idle, {_num(_get(totals, 'booting', 0))} booting), "
+        f"{_keepalive(totals)}{_num(_get(totals, 'idle', 0))} idle, {_num(_get(totals, 'booting', 0))} booting), "
         f"{_num(_get(totals, 'stopping', 0))} stopping; {_num(_get(totals, 'spawned', 0))} forked since start",
         f"tasks: {_num(_get(totals, 'queued', 0))} queued, {_num(_get(totals, 'in_flight', 0))} in flight, "
         f"{_num(_get(totals, 'completed', 0))} completed of {_num(_get(totals, 'submitted', 0))} submitted",

@@ -23,6 +23,10 @@ BOOTING: Final = 1
 IDLE: Final = 2
 BUSY: Final = 3
 EXITING: Final = 4
+#: a self-feeding worker between two requests of a kept-alive connection (``idle(keepalive=True)``):
+#: it accepts no other connection, so it is no spare; busy for the census, never retired as idle,
+#: never timed as a request (Apache's "K")
+KEEPALIVE: Final = 5
 
 # fields of a slot, in int64 words
 PID: Final = 0

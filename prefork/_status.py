@@ -148,6 +148,8 @@ def _worker_entries(sup: Supervisor, now: float) -> list[dict[str, Any]]:
             state = "booting"
         elif slot_state == _scoreboard.BUSY:
             state = "busy"
+        elif slot_state == _scoreboard.KEEPALIVE:  # between two requests of a kept-alive connection (MPM)
+            state = "keepalive"
         else:
             state = "idle"
         entry: dict[str, Any] = {
@@ -163,7 +165,9 @@ def _worker_entries(sup: Supervisor, now: float) -> list[dict[str, Any]]:
         }
         if slot_state == _scoreboard.BUSY:
             tid = int(words[base + _scoreboard.TASK])
-            entry["running_for"] = round(max(0.0, now - words[base + _scoreboard.STARTED] / 1e9), 3)
+            # a self-feeding worker's busy() writes no task start: its request began at its busy()
+            began = words[base + (_scoreboard.SINCE if sup.self_feeding else _scoreboard.STARTED)]
+            entry["running_for"] = round(max(0.0, now - began / 1e9), 3)
             task = in_flight.get(tid)
             if task is not None:
                 entry["task"] = tid
@@ -202,10 +206,11 @@ def snapshot(sup: Supervisor) -> dict[str, Any]:
         "policy": _policy(sup.policy),
         "workers": workers,
         "totals": {
-            "workers": by_state["booting"] + by_state["idle"] + by_state["busy"],
+            "workers": by_state["booting"] + by_state["idle"] + by_state["busy"] + by_state["keepalive"],
             "booting": by_state["booting"],
             "idle": by_state["idle"],
             "busy": by_state["busy"],
+            "keepalive": by_state["keepalive"],
             "stopping": by_state["stopping"],
             "queued": len(sup.ledger.queue),
             "in_flight": len(sup.ledger.in_flight),

@@ -19,7 +19,7 @@ __all__ = ["CSP", "PAGE"]
 
 _STYLE: Final = """
 :root { --fg: #1d232b; --muted: #5f6b7a; --line: #d8dde3; --bg: #f6f7f9; --card: #fff;
-        --booting: #8fb8ea; --idle: #9fd49f; --busy: #f5a742; --stopping: #b9bec5;
+        --booting: #8fb8ea; --idle: #9fd49f; --busy: #f5a742; --keepalive: #f2d56b; --stopping: #b9bec5;
         --queue: #8a63c9; --done: #2f9e57; --failed: #d64545; }
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
@@ -39,6 +39,7 @@ section { background: var(--card); border: 1px solid var(--line); border-radius:
 .cell.booting { background: var(--booting); }
 .cell.idle { background: var(--idle); }
 .cell.busy { background: var(--busy); }
+.cell.keepalive { background: var(--keepalive); }
 .cell.stopping { background: var(--stopping); }
 .cell.unknown { background: #fff; }
 .cell.open { background: transparent; border: 1px dashed #c4cad1; color: #a3abb5; }
@@ -83,8 +84,8 @@ _SCRIPT: Final = r"""
   const PERIOD = 1000;          // ms between polls
   const CAPACITY = 300;         // samples kept: five minutes at one a second
   const MAX_CELLS = 512;        // open slots drawn at most (a huge max_workers stays cheap)
-  const STATES = ["booting", "idle", "busy", "stopping"];
-  const LETTER = {booting: "S", idle: "_", busy: "W", stopping: "G"};
+  const STATES = ["booting", "idle", "busy", "keepalive", "stopping"];
+  const LETTER = {booting: "S", idle: "_", busy: "W", keepalive: "K", stopping: "G"};
   const SVG = "http://www.w3.org/2000/svg";
   const ring = [];              // {t, busy, max, queued, done, failed} (rates per second)
   let last = null;              // previous snapshot's counters, for the rates
@@ -148,6 +149,8 @@ _SCRIPT: Final = r"""
     }
     if (drawn < open) cells.push(el("span", "more", "+" + (open - drawn) + " open slots"));
     board.replaceChildren(...cells);
+    // only self-feeding pools (prefork serve) keep connections alive: a task pool's legend leaves it out
+    $("legend-keepalive").hidden = !(s.profile === "mpm" || num(s.totals && s.totals.keepalive) > 0);
   }
 
   function dl(rows) {
@@ -312,6 +315,7 @@ _BODY: Final = """<header><h1 id="name">prefork</h1><span id="meta"></span><span
 <li><span class="cell booting">S</span>booting</li>
 <li><span class="cell idle">_</span>idle</li>
 <li><span class="cell busy">W</span>busy</li>
+<li id="legend-keepalive" hidden><span class="cell keepalive">K</span>keepalive</li>
 <li><span class="cell stopping">G</span>stopping</li>
 <li><span class="cell open">.</span>open slot</li>
 </ul>

@@ -86,8 +86,8 @@ class WorkerHandle:
     """
 
     __slots__ = (
-        "_base", "_budget", "_channel", "_ctx", "_resolved", "_rss_base", "_words", "channel_lost", "info", "leaving",
-        "requests",
+        "_base", "_budget", "_channel", "_ctx", "_kept", "_resolved", "_rss_base", "_words", "channel_lost", "info",
+        "leaving", "requests",
     )
 
     def __init__(self, ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> None:
@@ -96,7 +96,8 @@ class WorkerHandle:
         self._channel = channel
         self._words = ctx.scoreboard.words
         self._base = info.slot * _scoreboard.WORDS
-        self.requests = 0  #: busy -> idle cycles so far
+        self.requests = 0  #: requests ended so far (idle() calls, less those that end a keep-alive wait)
+        self._kept = False  #: idle(keepalive=True) came last: waiting on a kept-alive connection
         jitter = random.randint(0, ctx.max_tasks_jitter) if ctx.max_tasks_jitter else 0
         self._budget = ctx.max_tasks + jitter if ctx.max_tasks else 0
         self._rss_base = 0
@@ -134,14 +135,31 @@ class WorkerHandle:
             raise TypeError(f"yell: {type(data).__name__} cannot be serialized with {ser.name!r}: {exc}") from exc
 
     def busy(self) -> None:
-        """Tell the supervisor this worker is busy (a memory write, no system call)."""
+        """Tell the supervisor this worker is busy (a memory write, no system call):
+        a request begins, a kept-alive connection's next one included."""
+        self._kept = False
         self._words[self._base + _scoreboard.STATE] = _scoreboard.BUSY
         self._words[self._base + _scoreboard.SINCE] = time.monotonic_ns()
 
-    def idle(self) -> None:
-        """Tell the supervisor this worker is idle again; leave here when its request
-        budget, its memory limit or a pending stop says so."""
-        self._words[self._base + _scoreboard.STATE] = _scoreboard.IDLE
+    def idle(self, keepalive: bool = False) -> None:
+        """A request ended: tell the supervisor this worker is idle again, count the
+        request, and leave here when its request budget, its memory limit or a
+        pending stop says so.
+
+        With ``keepalive=True`` the worker waits on the same connection for that
+        client's next request: the scoreboard says ``keepalive``, not idle.  Such a
+        worker accepts no other connection, so it counts as busy for the scaling
+        policy (no spare), is never retired as idle, and is not timed by
+        ``mpm.request_timeout``.  ``busy()`` ends the wait when the next request
+        comes; ``idle()`` ends it when the connection closes: that call counts no
+        request (this one did) and leaves only on a pending stop."""
+        if self._kept and not keepalive:
+            self._end_keepalive()
+            if self.leaving:
+                self.exit(0, reason=self.leaving)
+            return
+        self._kept = keepalive
+        self._words[self._base + _scoreboard.STATE] = _scoreboard.KEEPALIVE if keepalive else _scoreboard.IDLE
         self._words[self._base + _scoreboard.SINCE] = time.monotonic_ns()
         self.requests += 1
         if not self.leaving and self._budget and self.requests >= self._budget:
@@ -152,6 +170,15 @@ class WorkerHandle:
                 self.leaving = f"memory grew by {grown:.0f} MiB since boot (max_rss_mb = {self._ctx.max_rss_mb:g})"
         if self.leaving:
             self.exit(0, reason=self.leaving)
+
+    def _end_keepalive(self) -> None:
+        """The kept-alive connection ended: idle again, counting no request and never
+        leaving (for code that must not raise here; ``idle()`` leaves on a pending stop).
+        Nothing to do unless ``idle(keepalive=True)`` came last."""
+        if self._kept:
+            self._kept = False
+            self._words[self._base + _scoreboard.STATE] = _scoreboard.IDLE
+            self._words[self._base + _scoreboard.SINCE] = time.monotonic_ns()
 
     def exit(self, code: int = 0, data: Any = None, reason: str = "exit() called") -> NoReturn:
         """Leave now: send ``data`` (if any) with the exit code, announce the exit,

@@ -4,7 +4,7 @@ that finds them by slot, pid and channel, the one census of them that scaling,
 its exit mean.
 
 No I/O: the census reads the records and, for self-feeding workers (MPM), the
-busy/idle state each worker writes into its scoreboard slot (shared memory).
+busy/keepalive/idle state each worker writes into its scoreboard slot (shared memory).
 The supervisor signals, reads and closes; this module says what and whom.
 """
 
@@ -96,10 +96,15 @@ class _Board(Protocol):
     def since(self, slot: int) -> float: ...
 
 
+#: slot states a ready self-feeding worker counts as busy in: a kept-alive connection holds it
+#: too (it accepts no other), so it is no spare, as Apache's "K" counts for its spare servers
+_BUSY: Final = frozenset((_scoreboard.BUSY, _scoreboard.KEEPALIVE))
+
+
 def census(workers: Iterable[Worker], now: float, board: _Board | None = None) -> Census:
     """Count ``workers`` by state.  A ready task worker is busy while it holds a task;
     with ``board`` (self-feeding workers) a ready worker is busy while its slot
-    says so, and idle since the slot's last change."""
+    says busy or keepalive, and idle since the slot's last change."""
     alive = booting = idle = busy = retiring = 0
     longest_idle = 0.0
     for w in workers:
@@ -110,7 +115,7 @@ def census(workers: Iterable[Worker], now: float, board: _Board | None = None) -
         alive += 1
         if state == BOOTING:
             booting += 1
-        elif w.inflight or (board is not None and board.state(w.slot) == _scoreboard.BUSY):
+        elif w.inflight or (board is not None and board.state(w.slot) in _BUSY):
             busy += 1
         else:
             idle += 1

@@ -9,7 +9,8 @@
         wsgi.input ◄─ h11 Data ◄─ recv            read_timeout a wait, max_body as it streams, 100 Continue
         start_response/write/body ─► h11 ─► send  the head with the first block; chunked without a length
       the body's close(), the unread body drained, idle(): where a child leaves (SIGTERM, budget, memory)
-      keep-alive: the next request within keepalive_timeout (a SIGTERM ends the wait)
+      keep-alive: idle(keepalive=True), the scoreboard's KEEPALIVE (no spare) until the next request's
+        busy(), within keepalive_timeout (a SIGTERM ends the wait); the connection's end: idle again
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ class _Response:
 
 class WSGIHandler:
     """``handle(conn, addr)`` for ``prefork serve``: the requests of one connection, each
-    between ``busy()`` and ``idle()``; made in the parent, called in the children."""
+    between ``busy()`` and ``idle()`` (``idle(keepalive=True)`` while the connection stays
+    open for another); made in the parent, called in the children."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], cfg: MPMConfig) -> None:
         self.app, self.cfg = app, cfg
@@ -364,9 +366,12 @@ class WSGIHandler:
                     break
         finally:
             conn.close()
+            if me is not None:  # a kept-alive connection ended: idle, back to accept (serve.py leaves if asked)
+                me._end_keepalive()
 
     def _serve(self, conn: _Conn, request: h11.Request, me: WorkerHandle | None) -> bool:
-        """One request, then idle(), where the child may leave; True: the connection takes another."""
+        """One request, then idle() (keepalive while the connection takes another), where the
+        child may leave; True: the connection takes another."""
         env = conn.environ(request)
         response = _Response(conn, me)
         if me is not None:
@@ -389,7 +394,7 @@ class WSGIHandler:
             if not keep:
                 conn.close()
             try:
-                me.idle()  # leaves here (SystemExit) when it must: between two requests
+                me.idle(keepalive=keep)  # leaves here (SystemExit) when it must: between two requests
             except SystemExit:
                 conn.close()
                 raise

@@ -59,8 +59,11 @@ log = logging.getLogger("prefork.metrics")
 #: what feeds the metrics: ``Supervisor.status`` in the pool's process, or a client of its control socket
 StatusSource = Callable[[], Mapping[str, Any]]
 
-#: worker states, as the snapshot names them
-WORKER_STATES: Final = ("booting", "idle", "busy", "stopping")
+#: worker states, as the snapshot names them (``keepalive``: a ``prefork serve`` child between two
+#: requests of a kept-alive connection; always 0 in a task pool)
+WORKER_STATES: Final = ("booting", "idle", "busy", "keepalive", "stopping")
+#: states a snapshot of an older prefork (same version) may lack: read as 0
+_LATER_STATES: Final = frozenset({"keepalive"})
 #: pool states, as the snapshot names them
 POOL_STATES: Final = ("running", "stopping", "stopped", "broken")
 
@@ -78,7 +81,7 @@ METRICS: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "Workers that left, by cause (crash, boot-failure, timeout, max-tasks, max-age, max-rss, scaled-down, ...).",
     ),
     "prefork_workers_spawned": ("counter", (), "Workers forked since the pool started."),
-    "prefork_workers": ("gauge", ("state",), "Workers now, by state: booting, idle, busy, stopping."),
+    "prefork_workers": ("gauge", ("state",), "Workers now, by state: booting, idle, busy, keepalive (waiting on a kept-alive connection), stopping."),
     "prefork_workers_max": ("gauge", (), "The most workers the scaling policy may run."),
     "prefork_queue_depth": ("gauge", (), "Tasks waiting for a worker."),
     "prefork_tasks_in_flight": ("gauge", (), "Tasks handed to a worker and not finished."),
@@ -185,7 +188,8 @@ def _add_pool(families: dict[str, Metric], pool: str, status: Mapping[str, Any])
         add("prefork_worker_exits", (str(cause),), _number(status, *totals, "exits", cause) if cause in exits else 0.0)
     add("prefork_workers_spawned", (), _number(status, *totals, "spawned"))
     for state in WORKER_STATES:
-        add("prefork_workers", (state,), _number(status, *totals, state))
+        missing = state in _LATER_STATES and state not in _mapping(status, "totals")
+        add("prefork_workers", (state,), 0.0 if missing else _number(status, *totals, state))
     add("prefork_workers_max", (), _number(status, "policy", "max_workers"))
     add("prefork_queue_depth", (), _number(status, *totals, "queued"))
     add("prefork_tasks_in_flight", (), _number(status, *totals, "in_flight"))

@@ -640,7 +640,7 @@ def test_sigterm_during_a_request_lets_its_response_complete_then_the_child_leav
         with srv.connect() as sock:
             _, headers, _ = raw(sock, b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")  # keep-alive
             pid = int(headers["x-pid"])
-            wait_until(lambda: _state(srv, pid) == "idle", what="idle between two requests of one connection")
+            wait_until(lambda: _state(srv, pid) == "keepalive", what="keepalive between two requests of one connection")
             sock.sendall(b"POST /wait-body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
             wait_until(lambda: (tmp_path / f"waiting-{pid}").exists(), what="the request in the app")
             assert _state(srv, pid) == "busy"  # in a request: what harakiri (request_timeout) measures
