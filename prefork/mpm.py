@@ -63,10 +63,12 @@ def busy() -> None:
     _me().busy()
 
 
-def idle() -> None:
+def idle(keepalive: bool = False) -> None:
     """Tell the parent this child is idle again (``pf_kid_idle``); a child past its
-    request budget or memory limit, or asked to leave while busy, exits here."""
-    _me().idle()
+    request budget or memory limit, or asked to leave while busy, exits here.
+    ``keepalive=True``: the request is done but the child waits on its client's
+    connection for the next one (see ``WorkerHandle.idle``)."""
+    _me().idle(keepalive=keepalive)
 
 
 def yell(data: Any) -> None:

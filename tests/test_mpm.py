@@ -859,3 +859,22 @@ def test_done_waits_for_a_hung_data_hook_process_only_a_bounded_time(tmp_path: P
     assert not pid_alive(hook_pid)
     with pytest.raises(ChildProcessError):
         os.waitpid(hook_pid, os.WNOHANG)  # reaped, not a zombie
+
+
+def _kept_alive_forever() -> None:
+    mpm.busy()
+    mpm.idle(keepalive=True)  # a request answered; the child waits on its client's connection
+    while True:
+        signal.pause()
+
+
+def test_mpm_idle_keepalive_marks_the_child_kept_alive_not_idle() -> None:
+    """The seed-style module function takes keepalive= as WorkerHandle.idle does: such a
+    child is no spare, so the spare policy forks another beside it."""
+    m = MPM(start_servers=1, min_spare_servers=1, max_spare_servers=1, max_servers=2, overrides=FAST)
+    try:
+        drive(m, _kept_alive_forever, (), lambda: len(m.pids()) == 2)
+        states = [w["state"] for w in m.status()["workers"]]
+        assert "keepalive" in states and "idle" not in states, states
+    finally:
+        m.done()
