@@ -5,6 +5,11 @@ Public API only; everything else is private by default.
 
 from __future__ import annotations
 
+import sys as _sys
+
+if not _sys.platform.startswith("linux"):  # before any import that would fail less clearly
+    raise ImportError(f"prefork runs on Linux only (it needs pidfd, memfd and prctl); this system is {_sys.platform!r}")
+
 from typing import TYPE_CHECKING, Any
 
 from prefork._hooks import hookimpl

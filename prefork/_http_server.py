@@ -8,6 +8,8 @@ import socketserver
 import threading
 from typing import Any
 
+from prefork._threads import join_thread
+
 
 class ServedHTTP:
     """An HTTP server being served by its own thread: ``url``, ``host``, ``port``, ``close()``."""
@@ -42,7 +44,7 @@ class ServedHTTP:
             return
         server.shutdown()
         server.server_close()
-        self._thread.join(5)
+        join_thread(self._thread, 5)
         self._closed()
 
     def _closed(self) -> None:

@@ -50,6 +50,7 @@ from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
 from typing import IO, Any, Final, Protocol, TypeAlias, TypeVar
 
+from prefork._threads import join_thread
 from prefork.errors import MissingExtra
 
 __all__ = ["FORCE", "Bar", "MissingExtra", "Progress", "ProgressArg", "bar_for_run", "check", "declared_total", "sized_total"]
@@ -95,7 +96,16 @@ def _tqdm_class(what: str) -> Any:
         if exc.name == "tqdm":
             raise error from None  # one line: the module is simply not there
         raise error from exc  # tqdm is there but broken: show why
-    return module.tqdm
+    global _bar_class
+    if _bar_class is None or _bar_class.__base__ is not module.tqdm:
+        # Without tqdm's monitor thread, which the first bar would start and nothing stops:
+        # every pool started after it would fork a process with threads.  Progress redraws
+        # a stalled bar itself.
+        _bar_class = type("tqdm", (module.tqdm,), {"monitor_interval": 0, "__module__": __name__})
+    return _bar_class
+
+
+_bar_class: Any = None  #: tqdm's bar class without its monitor thread (made on first use)
 
 
 def _is_terminal(stream: object) -> bool:
@@ -234,7 +244,7 @@ class Progress:
         self._sweep()
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            join_thread(self._thread)  # gone from the kernel too: a pool may fork at once
 
     def close_when(self, over: Callable[[], bool]) -> None:
         """Close once ``over()`` is true (a pool shut down without waiting: its bar

@@ -14,6 +14,11 @@ ForkServer
     starts instead of waiting for it (a fork and a boot less before the first
     result).  Its parent death signal belongs to the main thread, which lives as
     long as the process.  The supervisor watches and reaps it as ``Direct`` does.
+
+    So a caller with no threads of its own never forks with threads (Python 3.12+
+    warns when a process with threads forks).  The one fork made later, beside the
+    supervisor's thread: the replacement of a fork server that died, a copy of the
+    caller as it is then (docs/reliability.md, "Forking and threads").
 Direct
     The supervisor's process forks.  Needed when the child must continue the
     caller's own code (MPM's ``kid_new``); forking from a process with threads

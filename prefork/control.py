@@ -86,6 +86,7 @@ from prefork._control_protocol import (
     Operations,
     _error,
 )
+from prefork._threads import join_thread
 from prefork.errors import ConfigError
 
 __all__ = [
@@ -256,7 +257,7 @@ class ControlServer:
         if thread is not None and thread.is_alive():
             self._wake()
             if thread is not threading.current_thread():
-                thread.join(timeout)
+                join_thread(thread, timeout)
         if thread is None or not thread.is_alive():
             self._release()
 
