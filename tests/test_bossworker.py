@@ -277,16 +277,26 @@ def _init_fails() -> None:
     raise RuntimeError("no database")
 
 
-def test_a_job_refused_by_a_broken_pool_is_not_pending_and_get_result_does_not_wait_for_it() -> None:
+def test_a_job_refused_by_a_broken_pool_is_not_pending_and_get_result_does_not_wait_for_it(tmp_path: Path) -> None:
     """add_work() on a pool that broke raises, and the job it refused counts nowhere:
     pending() falls back to what is really outstanding, get_result() returns at once."""
     import time
 
     import prefork
 
-    boss = BossWorker(abs, init_handler=_init_fails, worker_count=1, overrides={"pool.max_boot_failures": 1})
+    gate = tmp_path / "first job queued"
+
+    def init_fails_once_the_first_job_is_queued() -> None:  # else the pool may break before add_work
+        deadline = time.monotonic() + 10
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise RuntimeError("init fails")
+
+    boss = BossWorker(abs, init_handler=init_fails_once_the_first_job_is_queued, worker_count=1,
+                      overrides={"pool.max_boot_failures": 1})
     try:
         first = boss.add_work(-1)
+        gate.touch()
         assert len(first) == 1
         outcome = boss.get_result(timeout=10)  # the pool broke: the first job fails with PoolBroken
         assert isinstance(outcome, dict) and "ERROR" in outcome, outcome
