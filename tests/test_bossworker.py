@@ -273,10 +273,6 @@ def test_is_exported() -> None:
     assert prefork.BossWorker is BossWorker
 
 
-def _init_fails() -> None:
-    raise RuntimeError("no database")
-
-
 def test_a_job_refused_by_a_broken_pool_is_not_pending_and_get_result_does_not_wait_for_it(tmp_path: Path) -> None:
     """add_work() on a pool that broke raises, and the job it refused counts nowhere:
     pending() falls back to what is really outstanding, get_result() returns at once."""
