@@ -28,7 +28,7 @@ from urllib.parse import unquote_to_bytes
 
 from prefork._listen_queue import waiting_reader
 from prefork._worker import WorkerHandle, current_worker
-from prefork._wsgi_parts import FileWrapper, Input, response_head, with_header
+from prefork._wsgi_parts import FileWrapper, Head, Input, response_head
 from prefork.config.model import MPMConfig
 from prefork.errors import MissingExtra
 
@@ -281,7 +281,8 @@ class _Response:
 
     def __init__(self, conn: _Conn, me: WorkerHandle | None) -> None:
         self.conn, self.me = conn, me
-        self.head: h11.Response | None = None  #: from start_response; replaceable until started
+        self.head: Head | None = None  #: from start_response; replaceable until started
+        self.length = b""  #: the Content-Length the server worked out (a list body), if any
         self.started = False  #: h11 has the head: no other status can follow
         self.out = bytearray()  #: what h11 made, not sent yet
 
@@ -305,11 +306,13 @@ class _Response:
         conn, head, h = self.conn, self.head, self.conn.h11
         unread = h.their_state is h11.SEND_BODY and (
             h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
+        extra = [(b"content-length", self.length)] if self.length else []
         if (unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0
                 or conn.others_wait()):  # a kept connection would hold this child while new clients queue
-            head = with_header(head, b"connection", b"close")
+            extra.append((b"connection", b"close"))
+        response = head.response(*extra)  # h11 checks the fields here: a bad one is the app's error (500)
         self.started = True
-        self.out += conn.h11.send(head)
+        self.out += conn.h11.send(response)
 
     def write(self, data: bytes) -> None:
         if type(data) is not bytes:
@@ -330,9 +333,8 @@ class _Response:
     def finish(self, result: Iterable[bytes]) -> None:
         """Send the app's body, then the end of the message."""
         head = self.head
-        if isinstance(result, (list, tuple)) and head and all(type(b) is bytes for b in result) \
-                and all(n != b"content-length" for n, _ in head.headers):
-            self.head = with_header(head, b"content-length", b"%d" % sum(map(len, result)))
+        if isinstance(result, (list, tuple)) and head and not head.has_length and all(type(b) is bytes for b in result):
+            self.length = b"%d" % sum(map(len, result))
         for block in result:
             self.write(block)
         self.flush(end=True)

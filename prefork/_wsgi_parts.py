@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import h11
 
-__all__ = ["FileWrapper", "Input", "response_head", "with_header"]
+__all__ = ["FileWrapper", "Head", "Input", "response_head"]
 
 #: hop-by-hop headers an application may not set (PEP 3333); Connection is allowed (``close``)
 _HOP: Final = frozenset({b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
@@ -74,20 +74,31 @@ class Input:
         return iter(self.readline, b"")
 
 
-def response_head(status: str, headers: list[tuple[str, str]]) -> h11.Response:
-    """The h11 response of a ``start_response`` call; TypeError or ValueError naming what is wrong."""
+class Head(NamedTuple):
+    """A ``start_response`` call, checked: made into one ``h11.Response`` when it is sent,
+    with the server's own fields added (h11 checks every field each time one is made)."""
+
+    status_code: int
+    reason: bytes
+    fields: list[tuple[bytes, bytes]]
+    has_length: bool  #: the app set Content-Length
+
+    def response(self, *extra: tuple[bytes, bytes]) -> h11.Response:
+        return h11.Response(status_code=self.status_code, reason=self.reason, headers=[*self.fields, *extra])
+
+
+def response_head(status: str, headers: list[tuple[str, str]]) -> Head:
+    """A ``start_response`` call's head; TypeError or ValueError naming what is wrong."""
     if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or status[3:4] not in ("", " "):
         raise ValueError(f"start_response: status {status!r} is not of the form '200 OK'")
     fields = []
+    has_length = False
     for item in headers:
         if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) for s in item)):
             raise TypeError(f"start_response: header {item!r} is not a (str, str) tuple")
-        if item[0].lower().encode("latin-1") in _HOP:
+        name = item[0].lower().encode("latin-1")
+        if name in _HOP:
             raise ValueError(f"start_response: {item[0]!r} is a hop-by-hop header: the server sets it, not the app")
+        has_length = has_length or name == b"content-length"
         fields.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
-    return h11.Response(status_code=int(status[:3]), reason=status[4:].encode("latin-1"), headers=fields)
-
-
-def with_header(head: h11.Response, name: bytes, value: bytes) -> h11.Response:
-    fields = [*head.headers.raw_items(), (name, value)]
-    return h11.Response(status_code=head.status_code, reason=head.reason, headers=fields)
+    return Head(int(status[:3]), status[4:].encode("latin-1"), fields, has_length)

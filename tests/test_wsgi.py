@@ -125,6 +125,8 @@ def app(environ, start_response):
         return exc_info_late(start_response)
     if path == "/bad-header":
         return reply(start_response, b"x", headers=[("Transfer-Encoding", "gzip")])
+    if path == "/injected-header":  # a value with CR LF: it must not become a header of its own
+        return reply(start_response, b"x", headers=[("X-Name", "a\r\nSet-Cookie: stolen=1")])
     if path == "/file":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return environ["wsgi.file_wrapper"](open(__file__, "rb"))
@@ -531,13 +533,14 @@ def _one_error(srv: Server, path: str) -> dict[str, Any]:
 @pytest.mark.parametrize(("path", "error"), [("/boom", "RuntimeError: boom before start_response"),
                                               ("/boom-gen", "RuntimeError: boom in a generator"),
                                               ("/bad-header", "'Transfer-Encoding' is a hop-by-hop header"),
+                                              ("/injected-header", "LocalProtocolError: Illegal header value"),
                                               ("/str", "TypeError: the WSGI app gave str as body, not bytes")])
 def test_an_app_that_raises_before_its_headers_are_sent_gets_a_500_and_one_log_record(
         server: Server, path: str, error: str) -> None:
     with server.connect() as sock:
         status, headers, body = raw(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert (status, headers["connection"]) == (500, "close")
-        assert b"Traceback" not in body
+        assert b"Traceback" not in body and "set-cookie" not in headers
     record = _one_error(server, path)
     assert record["logger"] == "prefork.serve" and record["method"] == "GET" and record["path"] == path
     assert "answered 500" in record["message"]
