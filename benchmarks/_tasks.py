@@ -50,6 +50,17 @@ def calibrate(seconds: float) -> int:
         loops *= 2
 
 
+def hold(folder: str, seconds: float = 600.0) -> int:
+    """Hold this worker: mark it started (a file named after its pid in ``folder``), then
+    poll until ``folder/go`` exists, ``seconds`` at most.  bench_scale.py holds every
+    worker of a pool with one, so that the tasks it submits next all stay queued."""
+    open(os.path.join(folder, f"started-{os.getpid()}"), "w").close()
+    end = time.monotonic() + seconds
+    while not os.path.exists(os.path.join(folder, "go")) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()
+
+
 def probe_preloaded(collect: bool) -> tuple[int, int]:
     """Read 100 items of ``PRELOADED``, then run a full collection if asked.
 

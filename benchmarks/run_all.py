@@ -1,6 +1,6 @@
-"""Every benchmark in a row, with its default options: executor, memory, mpm, redis.
+"""Every benchmark in a row, with its default options: executor, memory, scale, mpm, redis.
 
-    python benchmarks/run_all.py                        # about 10 minutes on 2 cores
+    python benchmarks/run_all.py                        # about 15 minutes on 2 cores
     python benchmarks/run_all.py --quick --results /tmp/bench
 
 Each writes its JSON to ``<results>/<name>.json`` (default benchmarks/results/)
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("executor", "memory", "mpm", "redis")  # benchmarks/bench_<name>.py
+BENCHMARKS = ("executor", "memory", "scale", "mpm", "redis")  # benchmarks/bench_<name>.py
 
 
 def main(argv: list[str] | None = None) -> int:

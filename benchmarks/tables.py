@@ -130,11 +130,66 @@ def redis_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def scale_tables(data: dict[str, Any]) -> str:
+    """bench_scale.py: memory per queued task, the caller's CPU per task by pool size, the lazy map."""
+    met = {True: "met", False: "not met"}
+    map_rounds = f"; the lazy map {data['lazymap']['rounds']}" if "lazymap" in data else ""
+    lines = [f"Medians of interleaved rounds ({data['rounds']}{map_rounds}), each in a fresh interpreter; "
+             f"Python {data['python']}.", ""]
+    if "queued" in data:
+        q = data["queued"]
+        lines += [
+            f"Memory per queued task: {q['tasks']:,} no-op tasks submitted while both workers are held "
+            "(none runs); the caller's VmRSS growth per task.",
+            "",
+            "| pool | bytes per queued task | submit CPU µs/task |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {name} | {m['bytes_per_task']:,.0f} | {m['submit_cpu_us']:.1f} |" for name, m in q["pools"].items()]
+        lines += ["", f"prefork / ProcessPoolExecutor: {q['ratio']:.2f}x (target ≤ {q['target']}x: {met[q['met']]}).", ""]
+    if "cpu" in data:
+        c = data["cpu"]
+        lines += [
+            f"The caller process's CPU per task (getrusage: the caller's thread and the supervisor's), {c['tasks']:,} "
+            f"no-op tasks submitted one by one, then waited for; and {c['seq']:,} one at a time (no target).",
+            "",
+            "| workers | CPU µs/task | of which the caller's thread | wall µs/task | one at a time: CPU µs/task |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {w} | {m['cpu_us']:.2f} | {m['caller_us']:.2f} | {m['wall_us']:.2f} | {m['seq_cpu_us']:.1f} |"
+            for w, m in c["sizes"].items()
+        ]
+        lines += ["", f"Growth from {min(c['workers'])} to {max(c['workers'])} workers: {c['growth_pct']:+.1f} % "
+                      f"(target < {c['target_pct']:g} %: {met[c['met']]}); one at a time: {c['seq_growth_pct']:+.1f} %.", ""]
+    if "lazymap" in data:
+        m = data["lazymap"]
+        lines += [
+            f"`map(noop_arg, range({m['items']:,}))`, 2 workers, {m['rounds']} rounds; the caller's VmRSS (MiB) sampled "
+            f"every {m['every']:,} items.",
+            "",
+            "| map | options | items/s | CPU ns/item | RSS before | first sample | max | growth after the first |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, v in m["variants"].items():
+            options = ", ".join(f"{k}={val:,}" for k, val in v["options"].items()) or "default chunking"
+            lines.append(
+                f"| {name} | {options} | {v['items_per_s']:,.0f} | {v['cpu_ns_per_item']:.0f} | {v['before_mib']:.1f} | "
+                f"{v['first_mib']:.1f} | {v['max_mib']:.1f} | {v['growth_pct']:+.1f} % |"
+            )
+        lines += ["", f"lazy / {m['best_eager']}, items/s: {m['speed_ratio']:.2f}x (target ≥ {m['target_speed']}x); memory "
+                      f"flat (within {m['flat_pct']:g} % in every round): {'yes' if m['flat'] else 'no'} ({met[m['met']]}). "
+                      f"Less swayed by the load: the best rounds {m['best_round_ratio']:.2f}x, the caller's CPU per item "
+                      f"{m['cpu_ratio']:.2f}x (the faster eager map's over the lazy one's); {m['rounds']} rounds."]
+    return "\n".join(lines).rstrip()
+
+
 def render(results: Path) -> str:
     out: list[str] = []
     for name, title, fn in (
         ("executor", "Executor, beside the peers", executor_table),
         ("memory", "Memory", memory_tables),
+        ("scale", "Scale: queued tasks, pool size, a lazy map", scale_tables),
         ("mpm", "MPM server, beside a hand-written fork + accept loop", mpm_table),
         ("redis", "Through Redis (prefork-redis)", redis_table),
     ):

@@ -125,3 +125,60 @@ def test_the_redis_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     assert medians["tasks/s, 1 supervisor(s)"] > 0 and medians["tasks/s, 2 supervisor(s)"] > 0
     assert 0 < medians["latency p50 ms"] <= medians["latency p99 ms"]
     assert "through Redis" in run.stdout
+
+
+@pytest.mark.timeout(180)
+def test_the_scale_benchmark_runs_every_case_and_writes_its_table(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_scale.py", "--quick", "--tasks", "2000", "--workers", "2,4",
+         "--cpu-tasks", "500", "--seq", "50", "--items", "40000", "--every", "10000", "--chunksize", "2000",
+         "--buffersize", "4", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = json.loads(out.read_text())
+    assert data["leftover_processes"] == [] and data["rounds"] == 1
+    queued = data["queued"]
+    assert set(queued["pools"]) == {"prefork", "ProcessPoolExecutor"} and queued["tasks"] == 2000
+    for name, m in queued["pools"].items():
+        assert positive(m["bytes_per_task"]) and positive(m["submit_cpu_us"]), (name, m)
+        assert [r["answered"] for r in m["rounds"]] == [0]  # the workers were held: every task stayed queued
+    assert positive(queued["ratio"]) and isinstance(queued["met"], bool)
+    for name, rows in queued["breakdown"].items():
+        assert rows and all(":" in row["where"] and math.isfinite(row["bytes_per_task"]) for row in rows), name
+    cpu = data["cpu"]
+    assert cpu["workers"] == [2, 4] and set(cpu["sizes"]) == {"2", "4"}
+    for size, m in cpu["sizes"].items():
+        for key in ("cpu_us", "caller_us", "wall_us", "seq_cpu_us", "seq_wall_us"):
+            assert positive(m[key]), (size, key, m[key])
+        assert m["rounds"][0]["alive_at_end"] == int(size)
+    assert math.isfinite(cpu["growth_pct"]) and isinstance(cpu["met"], bool)
+    lazymap = data["lazymap"]
+    assert set(lazymap["variants"]) == {"lazy", "eager", "eager_auto"}
+    assert lazymap["variants"]["lazy"]["options"] == {"chunksize": 2000, "buffersize": 4}
+    assert lazymap["variants"]["eager"]["options"] == {"chunksize": 2000} and lazymap["rounds"] == 1
+    for name, m in lazymap["variants"].items():
+        assert [n for n, _ in m["rounds"][0]["samples"]] == [10_000, 20_000, 30_000, 40_000], name
+        assert positive(m["items_per_s"]) and positive(m["max_mib"]), (name, m)
+    for key in ("speed_ratio", "best_round_ratio", "cpu_ratio"):
+        assert positive(lazymap[key]), (key, lazymap[key])
+    assert isinstance(lazymap["flat"], bool)
+    for word in ("bytes/task", "growth 2 -> 4 workers", "lazy/"):
+        assert word in run.stdout
+    tables = subprocess.run(
+        [sys.executable, "benchmarks/tables.py", "--results", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert tables.returncode == 0, tables.stderr
+    for line in ("| prefork | ", "| ProcessPoolExecutor | ", "| 4 | ", "| lazy | chunksize=2,000, buffersize=4 | "):
+        assert line in tables.stdout
+
+
+def test_the_scale_benchmark_names_a_bad_case() -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/bench_scale.py", "--only", "queued,nope"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2
+    assert "unknown case 'nope' in --only; cases: queued, cpu, lazymap" in run.stderr
