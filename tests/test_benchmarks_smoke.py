@@ -122,8 +122,10 @@ def test_the_redis_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     medians = json.loads(out.read_text())["medians"]
-    assert medians["tasks/s, 1 supervisor(s)"] > 0 and medians["tasks/s, 2 supervisor(s)"] > 0
-    assert 0 < medians["latency p50 ms"] <= medians["latency p99 ms"]
+    assert medians["throughput: tasks/s, prefork-redis"] > 0
+    one, two = (medians[f"hosts: tasks/s, {n} host(s) x 1 worker, no-op"] for n in (1, 2))
+    assert one > 0 and two > 0
+    assert 0 < medians["latency: p50 ms, prefork-redis"] <= medians["latency: p99 ms, prefork-redis"]
     assert "through Redis" in run.stdout
 
 

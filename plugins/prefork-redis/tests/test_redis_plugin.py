@@ -82,6 +82,7 @@ def transport_error(tmp_path: Any, text: str) -> str:
         (f'secret = "{KEY}"\ninsecure = true', "transport.insecure = True: contradicts the key in secret"),
         ('insecure = "yes"', "transport.insecure = 'yes': must be true or false"),
         (f'secret = "{KEY}"\nallow_any_import = 1', "transport.allow_any_import = 1: must be true or false"),
+        (f'secret = "{KEY}"\ncluster = 1', "transport.cluster = 1: must be true or false"),
         (f'secret = "{KEY}"\nsocket_timeout = 0', "transport.socket_timeout = 0.0: must be more than 0"),
         (f'secret = "{KEY}"\nsocket_timeout = 301', "transport.socket_timeout = 301.0: must be more than 0 and at most 300"),
         (f'secret = "{KEY}"\nsocket_timeout = "10"', "transport.socket_timeout = '10': must be a number"),

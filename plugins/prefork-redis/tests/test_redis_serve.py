@@ -283,6 +283,18 @@ def test_user_code_on_a_host_reads_its_task_id(host: Any, url: str, app: str) ->
     assert task_id() is None  # outside a task
 
 
+def test_a_result_goes_from_the_worker_to_redis_in_the_tasks_codec(
+    host: Any, url: str, app: str, tmp_path: Path
+) -> None:
+    """The worker encodes the result with the task's codec (json), and the supervisor passes
+    those bytes on: it never unpickles the result object (nor re-encodes it)."""
+    host()
+    proof = tmp_path / "unpickled"
+    with Client(url, app, secret=SECRET) as hosts:
+        assert hosts.submit("hosttasks:tattle", str(proof)).result(timeout=20) == {"ok": 1}
+    assert not proof.exists(), f"unpickled by pid {proof.read_text().split()}"
+
+
 def test_signed_pickles_between_client_and_host_with_the_secret_in_the_config(url: str, app: str) -> None:
     secret = "a secret of at least sixteen bytes"  # a host of object codecs needs no names: work comes as functions
     overrides = {"plugins": ["prefork_redis"], "transport.name": "redis", "transport.url": url,

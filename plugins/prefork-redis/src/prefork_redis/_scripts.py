@@ -21,15 +21,25 @@ local function owner_of(stream, group, id)
 end
 """
 
-#: KEYS: dedup key, task stream.  ARGV: dedup ttl (s), then the entry's fields and values.
-#: Returns the new entry id, or nil when the task id was already submitted.
+#: KEYS: task stream, then the dedup key of each task.  ARGV: dedup ttl (s), then for
+#: each task the number of its entry's fields and values, and those.
+#: Queues the tasks in one call (a client's batch: one round trip for many
+#: submits).  Returns, per task, its new entry id, or nil when its task id was
+#: already submitted (an earlier batch, or earlier in this one).
 SUBMIT: Final = """
-if not redis.call('SET', KEYS[1], '', 'NX', 'EX', ARGV[1]) then
-  return false
+local out, a = {}, 2
+for i = 2, #KEYS do
+  local n = tonumber(ARGV[a])
+  if redis.call('SET', KEYS[i], '', 'NX', 'EX', ARGV[1]) then
+    local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 1, a + n))
+    redis.call('SET', KEYS[i], id, 'KEEPTTL')
+    out[i - 1] = id
+  else
+    out[i - 1] = false
+  end
+  a = a + n + 1
 end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-redis.call('SET', KEYS[1], id, 'KEEPTTL')
-return id
+return out
 """
 
 #: KEYS: the dedup key of each task.  ARGV: for each task, its entry id and its
@@ -83,19 +93,35 @@ return lost
 """
 )
 
-#: KEYS: task stream, the client's result stream.
-#: ARGV: group, consumer, entry id, result maxlen, result ttl (s), then the result's fields and values.
-#: Publishes the result, acks and deletes the entry, and returns 1; returns 0
-#: and does nothing when the consumer no longer owns the entry.
+#: KEYS: task stream, then the result stream of each task's client (repeated when
+#: tasks share a client).  ARGV: group, consumer, result maxlen, result ttl (s),
+#: then for each task its entry id, the number of its result's fields and
+#: values, and those.
+#: For each task, in order: publishes the result, acks and deletes the entry,
+#: and answers 1; answers 0 and does nothing when the consumer no longer owns
+#: the entry (a batch naming one entry twice publishes it once).  One call
+#: completes a supervisor's whole batch of finished tasks.
 COMPLETE: Final = (
     _OWNER_OF
     + """
-if owner_of(KEYS[1], ARGV[1], ARGV[3]) ~= ARGV[2] then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(ARGV, 6))
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
+local group, me, out, a, fresh = ARGV[1], ARGV[2], {}, 5, {}
+for i = 2, #KEYS do
+  local id, n = ARGV[a], tonumber(ARGV[a + 1])
+  if owner_of(KEYS[1], group, id) == me then
+    redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, a + 2, a + 1 + n))
+    if not fresh[KEYS[i]] then
+      redis.call('EXPIRE', KEYS[i], ARGV[4])
+      fresh[KEYS[i]] = true
+    end
+    redis.call('XACK', KEYS[1], group, id)
+    redis.call('XDEL', KEYS[1], id)
+    out[i - 1] = 1
+  else
+    out[i - 1] = 0
+  end
+  a = a + n + 2
+end
+return out
 """
 )
 
@@ -112,6 +138,41 @@ return 1
 """
 )
 
+_CLAIM_FN: Final = """
+local function claim(stream, group, me, min_idle, maxd, want, budget, only, mine)
+  local out, taken, start = {}, 0, '-'
+  while budget > 0 do
+    local page = math.min(budget, 100)
+    local args = {'XPENDING', stream, group, 'IDLE', min_idle, start, '+', page}
+    if only ~= '' then args[#args + 1] = only end
+    local pending = redis.call(unpack(args))
+    for _, p in ipairs(pending) do
+      local id, owner, deliveries = p[1], p[2], p[4]
+      if owner ~= me or mine then
+        if deliveries >= maxd then
+          redis.call('XCLAIM', stream, group, me, 0, id, 'JUSTID')
+          local e = redis.call('XRANGE', stream, id, id)
+          out[#out + 1] = {'dead', id, deliveries, e[1] and e[1][2] or {}, owner}
+        elseif taken < want then
+          local got = redis.call('XCLAIM', stream, group, me, 0, id)
+          if got[1] and got[1][2] then
+            taken = taken + 1
+            out[#out + 1] = {'task', id, deliveries + 1, got[1][2], owner}
+          else
+            -- deleted while pending (not by this protocol): nothing is left to run
+            redis.call('XACK', stream, group, id)
+          end
+        end
+      end
+    end
+    budget = budget - #pending
+    if #pending < page then break end
+    start = '(' .. pending[#pending][1]
+  end
+  return out, taken
+end
+"""
+
 #: KEYS: task stream.
 #: ARGV: group, consumer, min idle (ms), max deliveries, how many to claim to
 #: run, how many pending entries to look at, only this owner ('' = any),
@@ -125,40 +186,75 @@ return 1
 #: goes up by one) while fewer than asked have been.  Returns one
 #: ``{kind, id, deliveries, fields, previous owner}`` per entry, kind ``task``
 #: or ``dead``.
-CLAIM: Final = """
-local group, me = ARGV[1], ARGV[2]
-local maxd, want, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local out, taken, start = {}, 0, '-'
-while budget > 0 do
-  local page = math.min(budget, 100)
-  local args = {'XPENDING', KEYS[1], group, 'IDLE', ARGV[3], start, '+', page}
-  if ARGV[7] ~= '' then args[#args + 1] = ARGV[7] end
-  local pending = redis.call(unpack(args))
-  for _, p in ipairs(pending) do
-    local id, owner, deliveries = p[1], p[2], p[4]
-    if owner ~= me or ARGV[8] == '1' then
-      if deliveries >= maxd then
-        redis.call('XCLAIM', KEYS[1], group, me, 0, id, 'JUSTID')
-        local e = redis.call('XRANGE', KEYS[1], id, id)
-        out[#out + 1] = {'dead', id, deliveries, e[1] and e[1][2] or {}, owner}
-      elseif taken < want then
-        local got = redis.call('XCLAIM', KEYS[1], group, me, 0, id)
-        if got[1] and got[1][2] then
-          taken = taken + 1
-          out[#out + 1] = {'task', id, deliveries + 1, got[1][2], owner}
-        else
-          -- deleted while pending (not by this protocol): nothing is left to run
-          redis.call('XACK', KEYS[1], group, id)
-        end
-      end
-    end
-  end
-  budget = budget - #pending
-  if #pending < page then break end
-  start = '(' .. pending[#pending][1]
-end
+CLAIM: Final = (
+    _CLAIM_FN
+    + """
+local out = claim(KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+                  ARGV[7], ARGV[8] == '1')
 return out
 """
+)
+
+#: KEYS: task stream.
+#: ARGV: group, consumer, how many to take, max deliveries, the placeholder
+#: consumer of released entries, how many of them to look at, the prefix of
+#: the app's dedup keys (``pf:{app}:dedup:``).
+#: A supervisor's fetch in one call: released entries first (as CLAIM with
+#: min idle 0 and only the placeholder), then new ones (XREADGROUP without
+#: BLOCK, which a script cannot do), up to the count.  Each row is ``{kind,
+#: id, deliveries, fields, previous owner, verdict}``, kind ``task``
+#: (released), ``new`` or ``dead``, and the verdict a first, read-only look at
+#: admission (see ADMIT) made from the entry's unverified ``id`` and
+#: ``expires``: ``ok`` (the task's dedup key names this entry, and it has not
+#: expired by the server's clock; the key is kept until the expiry), ``replay``,
+#: ``expired``, or ``unclaimed`` (no dedup key, or fields it cannot read): the
+#: caller runs ADMIT for those once their signatures are checked, since only a
+#: signed entry may take a task id.  The dedup keys are named from the prefix,
+#: not passed in KEYS: they share the stream's hash tag, so its Cluster slot.
+#: The reply starts with the id to wait after for new entries: when XREADGROUP
+#: found fewer than asked (no new entry is left), the newest entry's id (or
+#: ``0-0``), else the empty string.
+FETCH: Final = (
+    _CLAIM_FN
+    + """
+local group, me, want, maxd = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function verdict(id, fields)
+  local tid, exp
+  for i = 1, #fields - 1, 2 do
+    if fields[i] == 'id' then tid = fields[i + 1] elseif fields[i] == 'expires' then exp = tonumber(fields[i + 1]) end
+  end
+  if not tid or not exp then return 'unclaimed' end
+  local key = ARGV[7] .. tid
+  local holder = redis.call('GET', key)
+  if holder and holder ~= id then return 'replay' end
+  if exp <= now then return 'expired' end
+  if not holder then return 'unclaimed' end
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and now + ttl < exp then redis.call('PEXPIREAT', key, exp) end
+  return 'ok'
+end
+local out, taken = claim(KEYS[1], group, me, 0, maxd, want, tonumber(ARGV[6]), ARGV[5], false)
+for _, row in ipairs(out) do
+  row[6] = row[1] == 'task' and verdict(row[2], row[4]) or ''
+end
+local after = ''
+if taken < want then
+  local got = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', want - taken, 'STREAMS', KEYS[1], '>')
+  local new = got and got[1][2] or {}
+  for _, e in ipairs(new) do
+    out[#out + 1] = {'new', e[1], 1, e[2], '', verdict(e[1], e[2])}
+  end
+  if #new < want - taken then
+    local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    after = last[1] and last[1][1] or '0-0'
+  end
+end
+table.insert(out, 1, after)
+return out
+"""
+)
 
 #: KEYS: task stream, dead-letter stream, the client's result stream.
 #: ARGV: group, consumer, entry id, dead maxlen, result maxlen, result ttl (s),

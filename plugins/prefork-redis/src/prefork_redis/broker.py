@@ -38,17 +38,12 @@ by its own consumer after a lease.
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
-import os
-import secrets
-import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import redis
@@ -56,52 +51,19 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from prefork_redis import _scripts
-from prefork_redis.codec import PROTOCOL, SECRET_ENV, Codec, Signer, accepts, get_codec, require_signer
-from prefork_redis.errors import BrokerError, CodecError, GroupMissing, ServerTooOld
-from prefork_redis.records import DEAD, ERROR, OK, REJECTED, Keys, Result, Task, check_name
+from prefork_redis._consumer import RELEASED, SEND_BATCH, Consumer, check_server_version, consumer_name
+from prefork_redis._link import Links, raw_entries, text
+from prefork_redis._screening import check_positive
+from prefork_redis.codec import PROTOCOL, SECRET_ENV, Codec, Signer, get_codec, require_signer
+from prefork_redis.errors import BrokerError
+from prefork_redis.records import Keys, Result, check_name
 
 if TYPE_CHECKING:
-    from redis.commands.core import Script
+    from redis.cluster import RedisCluster
 
-__all__ = ["RELEASED", "Broker", "Envelope", "check_server_version", "consumer_name"]
+__all__ = ["RELEASED", "SEND_BATCH", "Broker", "Envelope", "check_server_version", "consumer_name"]
 
 log = logging.getLogger("prefork_redis")
-
-#: The consumer that holds released entries until someone claims them.  Real
-#: consumer names contain two colons, so it cannot clash with one.
-RELEASED: Final = "~released"
-
-#: The oldest server with XAUTOCLAIM-era stream commands (XPENDING IDLE, exclusive ranges).
-MIN_SERVER: Final = (6, 2)
-#: How many pending entries one claim script looks at, at most.
-SCAN_LIMIT: Final = 1000
-#: The longest BLOCK a fetch may ask for.
-MAX_BLOCK_MS: Final = 60_000
-#: How many admitted task ids a broker remembers (oldest forgotten first), to refuse
-#: replays even when the dedup key in Redis was deleted.
-SEEN_LIMIT: Final = 100_000
-#: A remembered task id is forgotten this long after it expired (clock skew between hosts and Redis).
-SEEN_SLACK_S: Final = 300.0
-
-
-def consumer_name() -> str:
-    """``host:pid:nonce``, unique per supervisor (the nonce tells restarts with a reused pid apart)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def _check_positive(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise BrokerError(f"{name} must be a positive integer, not {value!r}")
-
-
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
 
 @attrs.frozen
@@ -114,20 +76,7 @@ class Envelope:
     expires_at: float
 
 
-def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of an XREAD/XREADGROUP reply on one stream, in RESP2 or RESP3 shape."""
-    if not reply:
-        return []
-    chunks = list(reply.values()) if isinstance(reply, dict) else [item[1] for item in reply]
-    entries: list[tuple[bytes, dict[bytes, bytes]]] = []
-    for chunk in chunks:
-        if chunk and isinstance(chunk[0], list):  # RESP3 wraps the entry list once more
-            chunk = chunk[0]
-        entries.extend((entry_id, fields or {}) for entry_id, fields in chunk)
-    return entries
-
-
-class Broker:
+class Broker(Consumer):
     """One app's task stream, used by clients (submit, results) and supervisors (the rest).
 
     ``client`` must return bytes (``decode_responses=False``, the default).  Its
@@ -154,8 +103,9 @@ class Broker:
         "_codec",
         "_complete",
         "_dead_letter",
+        "_fetch_script",
         "_forget",
-        "_ready",
+        "_io",
         "_redis",
         "_release",
         "_renew",
@@ -178,7 +128,7 @@ class Broker:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         app: str,
         *,
         codec: str = "json",
@@ -200,6 +150,7 @@ class Broker:
                 "give the broker a client made with decode_responses=False"
             )
         self._redis = client
+        self._io = Links(client)
         self.keys = Keys(app)
         self._codec: Codec = get_codec(codec)
         self._signer = Signer.from_secret(secret)
@@ -227,7 +178,7 @@ class Broker:
             ("dedup_ttl_s", dedup_ttl_s),
             ("task_ttl_s", task_ttl_s),
         ):
-            _check_positive(name, value)
+            check_positive(name, value)
         if task_ttl_s > dedup_ttl_s:
             raise BrokerError(
                 f"task_ttl_s={task_ttl_s} is longer than dedup_ttl_s={dedup_ttl_s}: a task's dedup key must "
@@ -246,6 +197,7 @@ class Broker:
         self.dedup_ttl_s = dedup_ttl_s
         self.task_ttl_s = task_ttl_s
         self._ready = False
+        self._after = ""  # the id to wait after for new entries, when the last fetch took fewer than asked
         # task id -> (entry id, expires at, done here): the tasks this broker admitted
         self._seen: OrderedDict[str, tuple[str, float, bool]] = OrderedDict()
         self._seen_lock = threading.Lock()
@@ -256,11 +208,14 @@ class Broker:
         self._complete = client.register_script(_scripts.COMPLETE)
         self._release = client.register_script(_scripts.RELEASE)
         self._claim = client.register_script(_scripts.CLAIM)
+        self._fetch_script = client.register_script(_scripts.FETCH)
         self._dead_letter = client.register_script(_scripts.DEAD_LETTER)
         self._forget = client.register_script(_scripts.FORGET)
 
     @classmethod
-    def from_url(cls, url: str, app: str, *, socket_timeout: float = 10.0, **options: Any) -> Broker:
+    def from_url(
+        cls, url: str, app: str, *, socket_timeout: float = 10.0, cluster: bool = False, **options: Any
+    ) -> Broker:
         """A broker on a new client for ``url`` (``redis://host:port/db``).
 
         ``socket_timeout`` (seconds) bounds every call, so a frozen server is an
@@ -268,14 +223,22 @@ class Broker:
         default retries a failed call up to 10 times, each waiting the socket
         timeout, and repeats commands whose first run may have happened): the
         callers retry, knowing which steps are safe to repeat.
+
+        ``cluster=True``: ``url`` is one node of a Redis Cluster, and the client
+        (``redis.cluster.RedisCluster``) finds the others and follows the app's
+        slot (all its keys share one) when it moves or its primary fails over;
+        redis-py retries a call a few times then (every step is safe to repeat).
         """
         if not isinstance(socket_timeout, int | float) or isinstance(socket_timeout, bool) or socket_timeout <= 0:
             raise BrokerError(f"socket_timeout must be a positive number of seconds, not {socket_timeout!r}")
-        client = redis.Redis.from_url(
-            url, socket_timeout=socket_timeout, socket_connect_timeout=min(5.0, socket_timeout),
-            retry=Retry(NoBackoff(), 0),
-        )  # fmt: skip
-        return cls(client, app, **options)
+        if not isinstance(cluster, bool):
+            raise BrokerError(f"cluster must be True or False, not {cluster!r}")
+        timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": min(5.0, socket_timeout)}
+        if cluster:
+            from redis.cluster import RedisCluster
+
+            return cls(RedisCluster.from_url(url, **timeouts), app, **options)
+        return cls(redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts), app, **options)
 
     def __repr__(self) -> str:
         return f"Broker(app={self.keys.app!r}, group={self.group!r}, consumer={self.consumer!r}, codec={self._codec.name!r})"
@@ -323,9 +286,20 @@ class Broker:
     def send(self, envelope: Envelope) -> str | None:
         """Queue a prepared task: its entry id, or None when its id was queued already
         (by an earlier send whose reply was lost, say)."""
-        keys = [self.keys.dedup(envelope.task_id), self.keys.tasks]
-        entry_id = self._run(self._submit, keys, [self.dedup_ttl_s, *envelope.fields])
-        return None if entry_id is None else _text(entry_id)
+        return self.send_many([envelope])[0]
+
+    def send_many(self, envelopes: Sequence[Envelope]) -> list[str | None]:
+        """Queue prepared tasks in one round trip per :data:`SEND_BATCH` of them (one script
+        call); for each, as :meth:`send`: its entry id, or None when its id was queued already."""
+        out: list[str | None] = []
+        for start in range(0, len(envelopes), SEND_BATCH):
+            batch = envelopes[start : start + SEND_BATCH]
+            args: list[Any] = [self.dedup_ttl_s]
+            for envelope in batch:
+                args += [len(envelope.fields), *envelope.fields]
+            keys = [self.keys.tasks, *(self.keys.dedup(e.task_id) for e in batch)]
+            out += [None if entry_id is None else text(entry_id) for entry_id in self._run(self._submit, keys, args)]
+        return out
 
     def results(
         self,
@@ -335,6 +309,7 @@ class Broker:
         count: int = 100,
         block_ms: int | None = None,
         delete: bool = True,
+        handled: Sequence[str] = (),
     ) -> list[Result]:
         """The results for ``client_id`` after ``last_id``, at most ``count``, oldest first.
 
@@ -348,13 +323,23 @@ class Broker:
         With ``delete``, an error (a timeout) after the read loses the results
         read: the delete may still run on the server after the error.  To read
         each result at least once, pass ``delete=False``, handle the results,
-        then :meth:`delete_results` them, as :class:`prefork_redis.Client` does.
+        then :meth:`delete_results` them, or pass their entry ids as ``handled`` to
+        the next call, which deletes them in the same round trip as its read (as
+        :class:`prefork_redis.Client` does).
         """
-        _check_positive("count", count)
+        check_positive("count", count)
         self._check_block(block_ms)
         key = self.keys.results(client_id)
-        reply = self._redis.xread({key: last_id}, count=count, block=block_ms)
-        out = [self._open_result(key, entry_id, fields) for entry_id, fields in _stream_entries(reply)]
+        read: list[Any] = ["XREAD", "COUNT", count, "STREAMS", key, last_id]
+        if block_ms is not None:
+            read[3:3] = ["BLOCK", block_ms]
+        # with handled results: one round trip, the delete then the read (which may block)
+        replies = self._io.pipeline(("XDEL", key, *handled), read) if handled else self._io.pipeline(read)
+        for item in replies:
+            if isinstance(item, Exception):
+                raise (self._group_missing(item) if isinstance(item, redis.ResponseError) else item) from item
+        reply = replies[-1]
+        out = [self._open_result(key, entry_id, fields) for entry_id, fields in raw_entries(reply)]
         if delete and out:
             self.delete_results(client_id, [r.entry_id for r in out])
         return out
@@ -363,7 +348,7 @@ class Broker:
         """Delete results already handled from ``client_id``'s stream; how many were there."""
         if not entry_ids:
             return 0
-        deleted: int = self._redis.xdel(self.keys.results(client_id), *entry_ids)
+        deleted: int = self._io.client().xdel(self.keys.results(client_id), *entry_ids)
         return deleted
 
     def missing(self, tasks: Mapping[str, str | None]) -> list[str]:
@@ -374,7 +359,7 @@ class Broker:
         ids = list(tasks)
         if not ids:
             return []
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._io.client().pipeline(transaction=False)
         for task_id in ids:
             pipe.exists(self.keys.dedup(task_id))
             entry_id = tasks[task_id]
@@ -391,430 +376,14 @@ class Broker:
         return gone
 
     def server_id(self) -> str:
-        """The server's ``run_id``: a new one after every restart."""
-        return _text(self._redis.info("server").get("run_id"))
+        """The server's ``run_id``: a new one after every restart (in a cluster, the primary's
+        of the app's slot: a new one after a failover, too)."""
+        client = self._io.client()
+        if self._io.cluster:
+            return text(client.info("server", target_nodes=client.get_node_from_key(self.keys.tasks)).get("run_id"))
+        return text(client.info("server").get("run_id"))
 
-    # -- supervisor side ----------------------------------------------------------
-
-    def setup(self) -> None:
-        """Check the server, create the group (at id 0, so earlier submits count) and mark this consumer alive."""
-        version = _text(self._redis.info("server").get("redis_version"))
-        check_server_version(version, self._where())
-        try:
-            self._redis.xgroup_create(self.keys.tasks, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._redis.set(self.keys.alive(self.consumer), 0, px=self.lease_ms)
-        self._ready = True
-
-    def fetch(self, count: int, block_ms: int | None = 1000) -> list[Task]:
-        """At most ``count`` tasks for this consumer: released ones first, then new ones.
-
-        Waits up to ``block_ms`` (None: not at all) when there is none.  A task
-        that fails authentication or admission (unsigned, forged, a replay,
-        expired, an old protocol, an unknown or refused codec) is dead-lettered
-        here and not returned; so fewer than ``count`` may come back even when
-        more were waiting.
-        """
-        _check_positive("count", count)
-        self._check_block(block_ms)
-        if not self._ready:
-            self.setup()
-        try:
-            return self._fetch(count, block_ms)
-        except GroupMissing:
-            log.warning("%s: the group %r was gone; creating it again", self.keys.tasks, self.group)
-            self.setup()
-            return self._fetch(count, block_ms)
-
-    def _fetch(self, count: int, block_ms: int | None) -> list[Task]:
-        tasks = self._claim_entries(min_idle_ms=0, count=count, only=RELEASED)
-        if len(tasks) < count:
-            tasks += self._read_new(count - len(tasks), None if tasks else block_ms)
-        return tasks
-
-    def renew(self, entry_ids: Iterable[str]) -> list[str]:
-        """Extend the lease of ``entry_ids`` and mark this consumer alive; return the ids it lost.
-
-        A lost entry was claimed by another consumer (or completed, or
-        dead-lettered): its run here should be dropped, and its completion
-        would publish nothing.  Call it every ``lease_ms / 3`` or so, with no
-        ids too, to keep the alive key.
-        """
-        ids = list(entry_ids)
-        lost = self._run(
-            self._renew,
-            [self.keys.tasks, self.keys.alive(self.consumer)],
-            [self.group, self.consumer, self.lease_ms, *ids],
-        )
-        return [_text(i) for i in lost]
-
-    def complete(self, task: Task, result: Any, *, status: str = OK, encoded: bool = False) -> bool:
-        """Publish ``result`` to the task's client, then ack and delete the entry: the ack point.
-
-        Returns False, publishing nothing, when this consumer no longer owns
-        the entry (its lease was lost, or an earlier call whose reply was lost
-        completed it): a result is published at most once per entry.
-        ``status`` is ``ok`` or ``error``.  The result is encoded with the
-        task's codec (``encoded=True``: it already is, as bytes); an encoding
-        error is raised before anything is published.
-        """
-        if status not in (OK, ERROR):
-            raise BrokerError(f"a completion's status is 'ok' or 'error', not {status!r}")
-        codec = get_codec(task.codec)
-        payload = self._encode(result, encoded, codec)
-        fields = self._result_fields(task.task_id, status, codec.name, payload)
-        fields += ["entry", task.entry_id, "consumer", self.consumer]
-        done = self._run(
-            self._complete,
-            [self.keys.tasks, self.keys.results(task.reply_to)],
-            [self.group, self.consumer, task.entry_id, self.result_maxlen, self.result_ttl_s, *fields],
-        )
-        if done:  # answered: never again here.  A fenced run was not: its entry may come back, released
-            self._mark_done(task.task_id)
-        return bool(done)
-
-    def release(self, entry_id: str) -> bool:
-        """Give back an entry this consumer cannot finish (its worker died): the next fetch or
-        reap of any consumer takes it, with no lease to wait out.
-
-        The delivery count is not changed: the next claim counts the next
-        delivery, so a task that kills every worker it meets is dead-lettered
-        after ``max_deliveries``.  Returns False when the entry was not this
-        consumer's any more.
-        """
-        return bool(self._run(self._release, [self.keys.tasks], [self.group, self.consumer, entry_id, RELEASED]))
-
-    def reap(self, count: int, lease_ms: int | None = None) -> list[Task]:
-        """Claim up to ``count`` entries not renewed for ``lease_ms`` (default: this
-        broker's), and released ones; return them to run.
-
-        This consumer's own entries count too: it renews every entry it runs,
-        so its own entry idle for a lease is one whose delivery it never saw
-        (the reply was lost with the connection) or stopped tracking.  Entries
-        already delivered ``max_deliveries`` times are dead-lettered instead
-        (not counted in ``count``, so ``count=0`` only dead-letters).
-        Consumers whose alive key expired and that hold nothing are removed
-        from the group.
-        """
-        if not isinstance(count, int) or count < 0:
-            raise BrokerError(f"count must be an integer >= 0, not {count!r}")
-        if not self._ready:
-            self.setup()
-        try:
-            min_idle = self.lease_ms if lease_ms is None else lease_ms
-            tasks = self._claim_entries(min_idle_ms=min_idle, count=count, mine=True)
-            self._forget_gone_consumers()
-        except GroupMissing:
-            log.warning("%s: the group %r was gone; creating it again", self.keys.tasks, self.group)
-            self.setup()
-            return []
-        return tasks
-
-    def leave(self) -> None:
-        """Stop being a consumer: drop the alive key, and this consumer from the group if it holds nothing."""
-        self._redis.delete(self.keys.alive(self.consumer))
-        self._run(self._forget, [self.keys.tasks, self.keys.alive(self.consumer)], [self.group, self.consumer])
-        self._ready = False
-
-    def consumers(self) -> dict[str, tuple[bool, int]]:
-        """Each consumer of the group: (alive key present, entries held)."""
-        info: list[dict[str, Any]] = self._redis.xinfo_consumers(self.keys.tasks, self.group)
-        names = [_text(c["name"]) for c in info]
-        alive = [bool(self._redis.exists(self.keys.alive(n))) for n in names]
-        return {n: (a, int(c["pending"])) for n, a, c in zip(names, alive, info, strict=True)}
-
-    # -- internals ----------------------------------------------------------------
-
-    def _where(self) -> str:
-        kw = self._redis.get_connection_kwargs()
-        if "path" in kw:
-            return f"unix:{kw['path']}"
-        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
-
-    def _check_block(self, block_ms: int | None) -> None:
-        if block_ms is None:
-            return
-        if not isinstance(block_ms, int) or isinstance(block_ms, bool) or not 1 <= block_ms <= MAX_BLOCK_MS:
-            raise BrokerError(
-                f"block_ms must be None (do not wait) or from 1 to {MAX_BLOCK_MS} ms, not {block_ms!r} "
-                "(Redis reads BLOCK 0 as 'wait forever')"
-            )
-        timeout = self._redis.get_connection_kwargs().get("socket_timeout")
-        if timeout is not None and block_ms >= timeout * 1000:
-            raise BrokerError(
-                f"block_ms={block_ms} would outlast the Redis client's socket_timeout={timeout} s; "
-                "make the client's socket_timeout longer than the longest wait"
-            )
-
-    def _encode(self, value: Any, encoded: bool, codec: Codec | None = None) -> bytes:
-        if encoded:
-            if not isinstance(value, bytes | bytearray | memoryview):
-                raise BrokerError(f"encoded=True needs bytes, not {type(value).__name__}")
-            return bytes(value)
-        return (codec or self._codec).dumps(value)
-
-    def _result_fields(self, task_id: str, status: str, codec: str, payload: bytes) -> list[bytes | str]:
-        tid = task_id.encode()
-        fields: list[bytes | str] = ["id", tid, "status", status, "codec", codec, "payload", payload]
-        if self._signer is not None:
-            fields += ["signature", self._signer.sign("result", tid, status.encode(), codec.encode(), payload)]
-        return fields
-
-    def _run(self, script: Script, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return script(keys=keys, args=args)
-        except redis.ResponseError as exc:
-            raise self._group_missing(exc) from exc
-
-    def _group_missing(self, exc: redis.ResponseError) -> Exception:
-        """A NOGROUP error (or UNBLOCKED: the stream or group went away while a read waited on it)
-        as :class:`GroupMissing`; any other error as it is."""
-        text = str(exc)  # Redis 6.2 wraps a script's errors: "ERR Error running script ...: NOGROUP ..."
-        if "NOGROUP" not in text and not text.startswith("UNBLOCKED"):
-            return exc
-        return GroupMissing(
-            f"the consumer group {self.group!r} of {self.keys.tasks!r} does not exist "
-            "(was the stream deleted, or Redis restarted without persistence? Broker.setup() creates it)"
-        )
-
-    def _read_new(self, count: int, block_ms: int | None) -> list[Task]:
-        streams: dict[Any, Any] = {self.keys.tasks: ">"}
-        try:
-            reply = self._redis.xreadgroup(self.group, self.consumer, streams, count=count, block=block_ms)
-        except redis.ResponseError as exc:
-            raise self._group_missing(exc) from exc
-        screened = [(self._screen(_text(eid), fields, 1), fields) for eid, fields in _stream_entries(reply)]
-        return self._admit_tasks([(task, fields) for task, fields in screened if task is not None])
-
-    def _claim_entries(self, min_idle_ms: int, count: int, only: str = "", mine: bool = False) -> list[Task]:
-        rows = self._run(
-            self._claim,
-            [self.keys.tasks],
-            [self.group, self.consumer, min_idle_ms, self.max_deliveries, count, SCAN_LIMIT, only, "1" if mine else ""],
-        )
-        tasks: list[tuple[Task, dict[bytes, bytes]]] = []
-        for kind, entry_id, deliveries, flat, owner in rows:
-            fields, eid = _pairs(flat), _text(entry_id)
-            if kind == b"dead":
-                detail = f"delivered {deliveries} times (max_deliveries={self.max_deliveries}), last to {_text(owner)}"
-                self._bury(eid, fields, "max deliveries", detail, deliveries, notify=self._authentic(fields))
-                continue
-            log.info("%s: claimed entry %s from %s (delivery %d)", self.keys.tasks, eid, _text(owner), deliveries)
-            task = self._screen(eid, fields, int(deliveries))
-            if task is not None:
-                tasks.append((task, fields))
-        return self._admit_tasks(tasks)
-
-    def _authentic(self, fields: dict[bytes, bytes]) -> bool:
-        """Whether the entry's fields may be trusted to name its client: signed by this key
-        (protocol v2), or anything when this broker is insecure."""
-        if self._signer is None:
-            return True
-        return fields.get(b"v") == PROTOCOL.encode() and self._signer.verify(
-            fields.get(b"signature"), "task", *(fields.get(name, b"") for name in _SIGNED_TASK_FIELDS)
-        )
-
-    def _screen(self, entry_id: str, fields: dict[bytes, bytes], deliveries: int) -> Task | None:
-        """The entry as a Task if it passes every check made before admission; else None,
-        after dead-lettering it.  Nothing here decodes the payload.
-
-        Order: protocol version, fields present, signature, codec, expiry
-        format, this broker's memory of admitted ids.  The client is told
-        (a ``dead`` result) only about an authentic task: the fields of a
-        forged one are the forger's, and a ``dead`` result to the client and id
-        it names would fail a genuine task still waiting or running.
-        """
-        version = fields.get(b"v")
-        if version != PROTOCOL.encode():
-            detail = (
-                f"an entry of protocol v{_text(version)[:8] or '1'}; this host speaks v{PROTOCOL} (signed expiry): "
-                "drain old entries with old hosts before upgrading, or submit them again"
-            )
-            self._bury(entry_id, fields, "unsupported protocol", detail, deliveries, notify=self._signer is None)
-            return None
-        problem = _missing(fields, (b"id", b"reply_to", b"codec", b"expires", b"payload"))
-        if problem:
-            self._bury(entry_id, fields, "malformed", problem, deliveries, notify=self._signer is None)
-            return None
-        if self._signer is not None:
-            signature = fields.get(b"signature")
-            signed = (fields[name] for name in _SIGNED_TASK_FIELDS)
-            if not signature:
-                self._bury(entry_id, fields, "bad signature", "the message is not signed", deliveries, notify=False)
-                return None
-            if not self._signer.verify(signature, "task", *signed):
-                detail = "the signature does not match the message"
-                self._bury(entry_id, fields, "bad signature", detail, deliveries, notify=False)
-                return None
-        try:
-            codec_obj = get_codec(_text(fields[b"codec"]))
-        except CodecError as exc:
-            self._bury(entry_id, fields, "unknown codec", str(exc), deliveries, notify=True)
-            return None
-        if not accepts(self._codec, codec_obj):
-            detail = (
-                f"codec {codec_obj.name!r} can run code when decoded, and this consumer's codec is "
-                f"{self._codec.name!r}: only a consumer configured with an object codec decodes one"
-            )
-            self._bury(entry_id, fields, "codec refused", detail, deliveries, notify=True)
-            return None
-        try:
-            expires_at = int(fields[b"expires"]) / 1000
-        except ValueError:
-            detail = f"expires is not an integer (ms since the epoch): {fields[b'expires'][:40]!r}"
-            self._bury(entry_id, fields, "malformed", detail, deliveries, notify=True)
-            return None
-        task_id = _text(fields[b"id"])
-        if self._replayed_here(task_id, entry_id):
-            detail = f"task {task_id!r} was already run by this consumer (as another entry, or completed)"
-            self._bury(entry_id, fields, "replay", detail, deliveries, notify=False)
-            return None
-        try:
-            submitted_at: float | None = float(fields.get(b"submitted_at", b""))
-        except ValueError:
-            submitted_at = None
-        payload = fields[b"payload"]
-        return Task(
-            entry_id, task_id, _text(fields[b"reply_to"]), codec_obj.name, payload, deliveries, submitted_at, expires_at
-        )
-
-    def _admit_tasks(self, screened: list[tuple[Task, dict[bytes, bytes]]]) -> list[Task]:
-        """The tasks the ADMIT script lets run (one round trip); replays and expired ones dead-lettered."""
-        if not screened:
-            return []
-        args: list[Any] = []
-        for task, _fields in screened:
-            assert task.expires_at is not None
-            args += [task.entry_id, int(task.expires_at * 1000)]
-        verdicts = self._run(self._admit, [self.keys.dedup(t.task_id) for t, _ in screened], args)
-        admitted: list[Task] = []
-        for (task, fields), verdict in zip(screened, verdicts, strict=True):
-            if verdict == b"ok":
-                self._remember(task)
-                admitted.append(task)
-                continue
-            if verdict == b"replay":
-                detail = f"task {task.task_id!r} belongs to another entry: this one is a copy"
-                self._bury(task.entry_id, fields, "replay", detail, task.deliveries, notify=False)
-            else:
-                assert task.expires_at is not None
-                when = datetime.datetime.fromtimestamp(task.expires_at, datetime.UTC).isoformat(timespec="seconds")
-                detail = f"expired at {when} (the signed expiry, by the Redis server's clock) before delivery {task.deliveries}"
-                self._mark_done(task.task_id)
-                self._bury(task.entry_id, fields, "expired", detail, task.deliveries, notify=True)
-        return admitted
-
-    def _remember(self, task: Task) -> None:
-        assert task.expires_at is not None
-        with self._seen_lock:
-            seen = self._seen.get(task.task_id)
-            self._seen[task.task_id] = (task.entry_id, task.expires_at, bool(seen and seen[2]))
-            self._seen.move_to_end(task.task_id)
-            horizon = time.time() - SEEN_SLACK_S
-            while self._seen and (len(self._seen) > SEEN_LIMIT or next(iter(self._seen.values()))[1] < horizon):
-                self._seen.popitem(last=False)
-
-    def _mark_done(self, task_id: str) -> None:
-        with self._seen_lock:
-            seen = self._seen.get(task_id)
-            if seen is not None:
-                self._seen[task_id] = (seen[0], seen[1], True)
-
-    def _replayed_here(self, task_id: str, entry_id: str) -> bool:
-        """Whether this consumer admitted ``task_id`` as another entry, or answered it, before it expired."""
-        with self._seen_lock:
-            seen = self._seen.get(task_id)
-        if seen is None or seen[1] < time.time() - SEEN_SLACK_S:
-            return False
-        return seen[0] != entry_id or seen[2]
-
-    def _bury(
-        self, entry_id: str, fields: dict[bytes, bytes], reason: str, detail: str, deliveries: int, *, notify: bool
-    ) -> bool:
-        """Dead-letter an entry this consumer owns; with ``notify``, tell its client (status ``dead``, JSON)."""
-        task_id, reply_to = _text(fields.get(b"id")), _text(fields.get(b"reply_to"))
-        log.warning("%s: dead-lettering entry %s (task %r): %s: %s", self.keys.tasks, entry_id, task_id, reason, detail)
-        dead: list[Any] = [
-            "reason", reason, "detail", detail, "entry", entry_id, "deliveries", deliveries,
-            "consumer", self.consumer, "dead_at", f"{time.time():.6f}",
-        ]  # fmt: skip
-        result: list[Any] = []
-        notify = notify and bool(reply_to) and bool(task_id)
-        if notify:
-            record = json.dumps({"reason": reason, "detail": detail, "deliveries": int(deliveries)}).encode()
-            result = [*self._result_fields(task_id, DEAD, "json", record), "reason", reason, "entry", entry_id]
-        result_key = self.keys.results(reply_to) if notify else self.keys.dead
-        done = self._run(
-            self._dead_letter,
-            [self.keys.tasks, self.keys.dead, result_key],
-            [self.group, self.consumer, entry_id, self.dead_maxlen, self.result_maxlen, self.result_ttl_s,
-             len(dead), *dead, *result],
-        )  # fmt: skip
-        return bool(done)
-
-    def _open_result(self, key: str, entry_id: bytes, fields: dict[bytes, bytes]) -> Result:
-        eid = _text(entry_id)
-        task_id, status, codec = _text(fields.get(b"id")), _text(fields.get(b"status")), fields.get(b"codec", b"")
-        payload = fields.get(b"payload", b"")
-        reason = _text(fields[b"reason"]) if b"reason" in fields else None
-        why, detail = "", ""
-        try:
-            codec_obj = get_codec(_text(codec))
-        except CodecError as exc:
-            why, detail = "unknown codec", str(exc)
-        else:
-            if self._signer is not None:
-                signature = fields.get(b"signature")
-                signed = (fields.get(name, b"") for name in (b"id", b"status", b"codec", b"payload"))
-                if not signature:
-                    why, detail = "bad signature", "the message is not signed"
-                elif not self._signer.verify(signature, "result", *signed):
-                    why, detail = "bad signature", "the signature does not match the message"
-            if not why and not accepts(self._codec, codec_obj):
-                why, detail = (
-                    "codec refused",
-                    f"codec {codec_obj.name!r} can run code; this client's is {self._codec.name!r}",
-                )
-        if why:
-            log.warning("%s: rejecting result %s of task %r: %s: %s", key, eid, task_id, why, detail)
-            return Result(eid, task_id, REJECTED, _text(codec), b"", why)
-        return Result(eid, task_id, status, codec_obj.name, payload, reason)
-
-    def _forget_gone_consumers(self) -> None:
-        try:
-            info: list[dict[str, Any]] = self._redis.xinfo_consumers(self.keys.tasks, self.group)
-        except redis.ResponseError as exc:
-            raise self._group_missing(exc) from exc
-        gone = [
-            _text(c["name"])
-            for c in info
-            if int(c["pending"]) == 0
-            and int(c["idle"]) > self.lease_ms
-            and _text(c["name"]) not in (self.consumer, RELEASED)
-        ]
-        if gone:
-            self._run(self._forget, [self.keys.tasks, *map(self.keys.alive, gone)], [self.group, *gone])
-
-
-#: The fields a task's signature covers, in order (after the kind, ``task``).
-_SIGNED_TASK_FIELDS: Final = (b"id", b"reply_to", b"codec", b"expires", b"payload")
-
-
-def _missing(fields: dict[bytes, bytes], names: Iterable[bytes]) -> str:
-    absent = [n.decode() for n in names if not fields.get(n)]
-    return f"missing field(s) {', '.join(absent)}" if absent else ""
-
-
-def check_server_version(version: str, where: str = "the server") -> None:
-    """Raise :class:`ServerTooOld` when ``version`` (``"7.0.15"``) is older than 6.2."""
-    try:
-        parts = tuple(int(p) for p in version.split(".")[:2])
-    except ValueError:
-        raise ServerTooOld(f"cannot read the Redis version {version!r} of {where}") from None
-    if parts < MIN_SERVER:
-        raise ServerTooOld(
-            f"Redis {version} at {where} is too old: prefork-redis needs Redis >= 6.2 "
-            "(XPENDING IDLE, XAUTOCLAIM, exclusive stream ranges)"
-        )
+    def close(self) -> None:
+        """Give back the connections this broker's threads hold (to the pool of the client it
+        was given).  A call after it opens new ones."""
+        self._io.close()

@@ -55,6 +55,8 @@ log = logging.getLogger("prefork.redis.client")
 READ_BLOCK_MS: Final = 500
 #: How often the result thread asks the server's run_id, to notice a restart it did not see fail.
 RESTART_CHECK_S: Final = 1.0
+#: The most results one read takes.
+READ_COUNT: Final = 1000
 
 
 class RemoteError(RemoteTaskError, BrokerError):
@@ -77,6 +79,7 @@ class Client(Executor):
         :class:`BrokerUnavailable` (outcome unknown); None (default): wait for Redis, bounded only by
         each ``future.result(timeout)``.
     :param socket_timeout: seconds before a call that Redis does not answer fails (and is retried).
+    :param cluster: ``url`` is one node of a Redis Cluster (see ``Broker.from_url``).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Client(Executor):
         task_ttl_s: int = 3_600,
         broker_timeout: float | None = None,
         socket_timeout: float = 10.0,
+        cluster: bool = False,
     ) -> None:
         if broker_timeout is not None and (
             not isinstance(broker_timeout, int | float) or isinstance(broker_timeout, bool) or broker_timeout <= 0
@@ -102,18 +106,22 @@ class Client(Executor):
             )
         self.broker = Broker.from_url(
             url, app, codec=codec, secret=secret, insecure=insecure, task_ttl_s=task_ttl_s,
-            socket_timeout=socket_timeout,
+            socket_timeout=socket_timeout, cluster=cluster,
         )  # fmt: skip
         self.broker_timeout = broker_timeout
         self.client_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.outage = Outage(f"Redis at {self.broker.where}", log)
         self._futures: dict[str, Future[Any]] = {}
         self._sent: dict[str, str | None] = {}  # task id -> entry id (None: an earlier try queued it)
-        self._unsent: dict[str, Envelope] = {}  # submitted while Redis was unreachable: the reader sends them
+        self._unsent: dict[str, Envelope] = {}  # submitted, not yet queued in Redis: the sender sends them
+        self._sending = False  # a thread is sending (submit's, or the sender's)
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._wake = threading.Event()  # something to send
         self._reader = threading.Thread(target=self._read, name="prefork-redis-results", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name="prefork-redis-submit", daemon=True)
+        self._sender.start()
 
     def submit(self, fn: Callable[..., Any] | str, /, *args: Any, **kwargs: Any) -> Future[Any]:
         if self._closed.is_set():
@@ -127,38 +135,87 @@ class Client(Executor):
         envelope = self.broker.prepare(task_id, {"method": method, "args": list(args), "kwargs": kwargs}, self.client_id)
         with self._lock:
             self._futures[task_id] = future
+            self._unsent[task_id] = envelope
+            # alone (nothing else waits, nothing is being sent): send it from here, a thread hop
+            # less; else the sender thread sends everything waiting in one round trip
+            inline = len(self._futures) == 1 and not self._sending and not self.outage.down
+            if inline:
+                self._sending = True
+        if not inline:
+            self._wake.set()
+            return future
         try:
-            entry_id = self.broker.send(envelope)
+            self._send_waiting()
         except BaseException as exc:
             if not is_transient(exc):
-                with self._lock:
-                    self._futures.pop(task_id, None)
+                self._end(task_id, exc)
                 raise
-            self.outage.failed(exc)
-            with self._lock:
-                self._unsent[task_id] = envelope  # the reader sends it when Redis answers
-            return future
-        with self._lock:
-            if task_id in self._futures:
-                self._sent[task_id] = entry_id
+            self.outage.failed(exc)  # the sender retries it
+        finally:
+            self._done_sending()
         return future
 
     # -- the result thread ----------------------------------------------------------
 
+    def _send_loop(self) -> None:
+        """The sender thread: whatever was submitted meanwhile, queued in one round trip
+        (one script call per :data:`~prefork_redis.broker.SEND_BATCH`); through an outage,
+        retried with backoff (a task id is queued once, however often it is sent)."""
+        while True:
+            self._wake.wait()
+            if self._closed.is_set():
+                return
+            self._wake.clear()
+            with self._lock:
+                if self._sending or not self._unsent:
+                    continue  # a submit is sending: it wakes this thread again if more waits
+                self._sending = True
+            try:
+                self._send_waiting()
+                self.outage.ok()
+            except Exception as exc:  # an outage (or a bug: logged once, and retried as one)
+                delay = self.outage.failed(exc)
+                self._give_up_if_unreachable()
+                self._closed.wait(delay)
+            finally:
+                self._done_sending()
+
+    def _done_sending(self) -> None:
+        """Give up ``_sending``; wake the sender if tasks were submitted meanwhile."""
+        with self._lock:
+            self._sending = False
+            more = bool(self._unsent)
+        if more:
+            self._wake.set()
+
+    def _send_waiting(self) -> None:
+        """Queue every task submitted and not yet queued, oldest first (the caller holds ``_sending``)."""
+        with self._lock:
+            waiting = [(tid, env) for tid, env in self._unsent.items() if tid in self._futures]
+            for tid in [tid for tid in self._unsent if tid not in self._futures]:
+                del self._unsent[tid]  # ended (shut down, lost) before it was sent
+        if not waiting:
+            return
+        entry_ids = self.broker.send_many([env for _, env in waiting])
+        with self._lock:
+            for (task_id, _env), entry_id in zip(waiting, entry_ids, strict=True):
+                self._unsent.pop(task_id, None)
+                if task_id in self._futures:
+                    self._sent[task_id] = entry_id  # None: an earlier try had queued it
+
     def _read(self) -> None:
         run_id: str | None = None
         next_check = 0.0
+        handled: list[str] = []  # results settled, deleted by the next read
         while not self._closed.is_set():
             try:
-                if self._unsent:
-                    self._send_unsent()
                 if time.monotonic() >= next_check:
                     current = self.broker.server_id()
                     if run_id is not None and current != run_id:
                         self._after_restart()
                     run_id = current
                     next_check = time.monotonic() + RESTART_CHECK_S
-                self._read_results(READ_BLOCK_MS)
+                handled = self._read_results(READ_BLOCK_MS, handled)
                 self.outage.ok()
             except Exception as exc:  # an outage (or a bug: logged once, and retried as one)
                 delay = self.outage.failed(exc)
@@ -166,36 +223,26 @@ class Client(Executor):
                 self._give_up_if_unreachable()
                 self._closed.wait(delay)
 
-    def _read_results(self, block_ms: int | None) -> int:
-        """Read, settle, then delete: a delete that fails (or runs late, after a timeout) never loses a
-        result, and a result read twice finds its future gone."""
-        results = self.broker.results(self.client_id, block_ms=block_ms, delete=False)
+    def _read_results(self, block_ms: int | None, handled: list[str]) -> list[str]:
+        """Delete the results handled before, read, settle; return the ids to delete next.
+        A delete that fails (or runs late, after a timeout) never loses a result, and a
+        result read twice finds its future gone."""
+        results = self.broker.results(self.client_id, block_ms=block_ms, count=READ_COUNT, delete=False,
+                                      handled=handled)  # fmt: skip
         self._settle_all(results)
-        self.broker.delete_results(self.client_id, [r.entry_id for r in results])
-        return len(results)
-
-    def _send_unsent(self) -> None:
-        with self._lock:
-            waiting = list(self._unsent.items())
-        for task_id, envelope in waiting:
-            with self._lock:
-                if task_id not in self._futures:
-                    self._unsent.pop(task_id, None)
-                    continue
-            entry_id = self.broker.send(envelope)  # None: an earlier try had queued it
-            with self._lock:
-                self._unsent.pop(task_id, None)
-                if task_id in self._futures:
-                    self._sent[task_id] = entry_id
+        return [r.entry_id for r in results]
 
     def _after_restart(self) -> None:
         """Redis restarted: fail, with :class:`TaskLost`, the waiting tasks it has no trace of."""
         with self._lock:
             waiting = len(self._sent)
         log.warning("Redis at %s restarted; checking the %d task(s) waiting for a result", self.broker.where, waiting)
-        for _ in range(waiting // 100 + 10):  # what was published before it went down comes first
-            if not self._read_results(None):
+        handled: list[str] = []
+        for _ in range(waiting // READ_COUNT + 10):  # what was published before it went down comes first
+            handled = self._read_results(None, handled)
+            if not handled:
                 break
+        self.broker.delete_results(self.client_id, handled)
         with self._lock:
             sent = {tid: entry for tid, entry in self._sent.items() if tid in self._futures}
         for task_id in self.broker.missing(sent):
@@ -282,6 +329,8 @@ class Client(Executor):
                 except BaseException:
                     pass
         self._closed.set()
+        self._wake.set()
+        self._sender.join(5)
         self._reader.join(5)
         self._fail_all(BrokerError("the client was shut down before this task's result came"))
 
@@ -318,7 +367,8 @@ class DispatcherClient:
         secret: str | bytes | None = None,
         **options: Any,
     ) -> None:
-        """``options`` are :class:`Client`'s: ``insecure``, ``task_ttl_s``, ``broker_timeout``, ``socket_timeout``."""
+        """``options`` are :class:`Client`'s: ``insecure``, ``task_ttl_s``, ``broker_timeout``, ``socket_timeout``,
+        ``cluster``."""
         self.client = Client(url, app, codec=codec, secret=secret, **options)
         self._upon_result = upon_result
 

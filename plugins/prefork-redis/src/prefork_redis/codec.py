@@ -26,7 +26,6 @@ signed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import hmac
 import os
 from typing import Any, Final, TypeAlias, final
@@ -128,11 +127,8 @@ class Signer:
         signs a task over ``(task id, reply_to, codec, expires, payload)`` and a
         result over ``(task id, status, codec, payload)``.
         """
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        for part in (_FRAME_TAG, kind.encode(), *fields):
-            mac.update(len(part).to_bytes(8, "big"))
-            mac.update(part)
-        return mac.hexdigest().encode()
+        frame = b"".join([len(part).to_bytes(8, "big") + part for part in (_FRAME_TAG, kind.encode(), *fields)])
+        return hmac.digest(self._key, frame, "sha256").hex().encode()  # one call into C: no per-part updates
 
     def verify(self, signature: bytes | None, kind: str, *fields: bytes) -> bool:
         """Whether ``signature`` is this key's signature of the message (constant time)."""

@@ -15,10 +15,11 @@ code).  What the loop does, and when:
   whose result is being published; those lost are dropped: their results
   would be fenced off anyway), and reap tasks of dead hosts into the free
   workers;
-- a result: published and acked by ``Broker.complete`` in a thread of its
-  own (``complete``), so a slow Redis never stalls the pool's loop; the task
-  stays held (renewed) until its result is published, however long Redis is
-  away;
+- a result: published and acked (``Broker.complete_many``) together with the
+  next fetch, in one round trip, or by a thread of its own while the fetch
+  waits in Redis (see :mod:`prefork_redis._answers`), never by the pool's
+  loop, so a slow Redis never stalls it; the task stays held (renewed) until
+  its result is published, however long Redis is away;
 - a worker died (``WorkerLost``): the task is released at once, for any
   host; after ``max_deliveries`` the reaper dead-letters it;
 - Redis unreachable (a restart, a freeze, ``LOADING``...): every call is
@@ -35,21 +36,20 @@ code).  What the loop does, and when:
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-import traceback
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 from typing import Any
 
-from prefork import WorkerLost, current_worker
+from prefork import current_worker
 from prefork.config import Config
 from prefork.errors import ConfigError
+from prefork_redis._answers import Answers, Reply, error_record
 from prefork_redis._outage import Outage, is_transient
 from prefork_redis.allow import Gate, remote_gate
 from prefork_redis.codec import get_codec
 from prefork_redis.errors import BrokerError, GroupMissing
-from prefork_redis.records import ERROR, OK, Task
+from prefork_redis.records import ERROR, Task
 from prefork_redis.transport import RedisTransport
 
 __all__ = ["serve", "task_id"]
@@ -66,28 +66,42 @@ def task_id() -> str | None:
     return _current
 
 
-class _WithTaskId:
-    """A task's method, called in the worker with its task id readable through
-    :func:`task_id`; a name is resolved by the pool's resolver, as for any task."""
+class _Run:
+    """A task as a worker runs it, when the pool's serializer carries objects (bytes).
 
-    __slots__ = ("method", "task_id")
+    The payload the client sent travels to the worker untouched, and is
+    decoded there with the task's codec; the method (a name is resolved by
+    the pool's resolver, as for any task) is called with the task id readable
+    through :func:`task_id`; its result is encoded there with the same codec,
+    and goes to Redis as it comes back.  The supervisor decoded the payload
+    once, to check the method (see :mod:`prefork_redis.allow`), and encodes
+    neither the arguments nor the result again.
+    """
 
-    def __init__(self, task_id: str, method: Any) -> None:
+    __slots__ = ("codec", "task_id")
+
+    def __init__(self, task_id: str, codec: str) -> None:
         self.task_id = task_id
-        self.method = method
+        self.codec = codec  # by name: a codec may not pickle, and each process has them all
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_WithTaskId, (self.task_id, self.method))
+        return (_Run, (self.task_id, self.codec))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, payload: bytes) -> bytes:
         global _current
+        codec = get_codec(self.codec)
+        method, args, kwargs = _call(codec.loads(payload))
         worker = current_worker()
-        fn = worker.resolve(self.method) if worker is not None else self.method
+        fn = worker.resolve(method) if worker is not None else method
         _current = self.task_id
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         finally:
             _current = None
+        try:
+            return codec.dumps(result)
+        except (TypeError, ValueError, OverflowError) as exc:  # the codec cannot carry the result
+            raise TypeError(f"the result of task {self.task_id!r} cannot be encoded with {self.codec!r}: {exc}") from None
 
 
 def serve(pool: Any, stop: threading.Event | None = None) -> int:
@@ -98,6 +112,7 @@ def serve(pool: Any, stop: threading.Event | None = None) -> int:
             f"prefork_redis:serve needs [transport] name = \"redis\" in the configuration, not {transport.name!r}"
         )
     gate = _gate(pool.config, transport)
+    get_codec(transport.codec)  # prefork's registry, built before the pool forks: its workers find codecs at once
     broker = transport.broker()
     if transport.insecure:
         log.warning(
@@ -136,23 +151,6 @@ def _gate(config: Config, transport: RedisTransport) -> Gate:
     return gate
 
 
-def _error(exc: BaseException) -> dict[str, str]:
-    """An exception as plain data, readable by any codec and any language."""
-    text = "".join(traceback.format_exception(exc))
-    remote = getattr(exc, "remote_traceback", None)
-    return {"type": type(exc).__name__, "message": str(exc), "traceback": remote or text}
-
-
-class _Reply:
-    """An answer decided in the supervisor (a malformed task, a method not allowed)."""
-
-    __slots__ = ("status", "value")
-
-    def __init__(self, status: str, value: Any) -> None:
-        self.status = status
-        self.value = value
-
-
 class _Server:
     def __init__(self, pool: Any, broker: Any, block_ms: int, gate: Gate) -> None:
         self.pool = pool
@@ -161,17 +159,14 @@ class _Server:
         self.gate = gate
         self.running: dict[str, tuple[Task, Future[Any]]] = {}  # entry id -> (task, future): a worker runs it
         self.answering: dict[str, Task] = {}  # entry id -> task: its answer is being published
-        # a pool whose serializer carries objects gets each method wrapped with its task id
-        self._wrap = bool(pool.config.create("serializer").objects)
+        # a pool whose serializer carries objects (bytes) gets each payload as it came, in a _Run
+        self._passthrough = bool(pool.config.create("serializer").objects)
         self._lock = threading.Lock()
-        self._done: queue.SimpleQueue[tuple[Task, Future[Any] | _Reply] | None] = queue.SimpleQueue()
-        self._freed = threading.Event()  # a running task ended: the fetch loop may fetch again
-        self._closing = threading.Event()
+        self._freed = threading.Event()  # a task ended, or an answer waits: the fetch loop has work
         self.outage = Outage(f"Redis at {broker.where}", log)
+        self.answers = Answers(broker, self._lock, self.answering, self.outage, self._ok, encoded=self._passthrough)
         self._next_tick = 0.0
         self._reap_after = 0.0
-        self._completer = threading.Thread(target=self._complete_loop, name="prefork-redis-complete", daemon=True)
-        self._completer.start()
 
     # -- the fetch loop (the caller's thread) ---------------------------------------
 
@@ -203,18 +198,32 @@ class _Server:
                 stop.wait(self.outage.failed(exc))
 
     def _step(self, every: float) -> None:
+        """One round trip: the answers ready go out with the fetch for the free workers."""
         if time.monotonic() >= self._next_tick:
             self._tick()
             self._next_tick = time.monotonic() + every
         self._freed.clear()
         free = self._free()
-        if free:
-            wait = max(1, min(self.block_ms, int((self._next_tick - time.monotonic()) * 1000)))
-            tasks = self.broker.fetch(free, block_ms=wait)
-            self._ok()
-            self._start(tasks)
-        else:  # every worker busy: wait until one is free (or the next tick)
+        if not free and not self.answers.pending:  # every worker busy: wait for one (or the next tick)
             self._freed.wait(max(0.0, min(0.2, self._next_tick - time.monotonic())))  # 0.2: notice stop
+            return
+        batch = self.answers.take()
+        try:
+            if free:
+                wait = max(1, min(self.block_ms, int((self._next_tick - time.monotonic()) * 1000)))
+                published, tasks = self.broker.exchange(
+                    batch.completions, free, block_ms=wait, before_wait=lambda: self.answers.take_before_wait(batch)
+                )  # fmt: skip
+            else:
+                published, tasks = self.broker.complete_many(batch.completions), []
+        except BaseException as exc:
+            self.answers.undo(batch, exc)
+            raise
+        finally:
+            self.answers.stop_waiting()
+        self._ok()
+        self.answers.settle(batch, published)
+        self._start(tasks)
 
     def _ok(self) -> None:
         """A call to Redis succeeded: if that ends an outage, renew at once and hold off reaping for a lease."""
@@ -240,8 +249,8 @@ class _Server:
                 log.warning("lost the lease of task %s (entry %s): another host runs it", lost[0].task_id, entry_id)
                 lost[1].cancel()
             elif answering is not None:  # a completion whose reply was lost may have published it
-                log.warning("task %s (entry %s) is not this host's any more: its answer was published by a call "
-                            "whose reply was lost, or another host took it", answering.task_id, entry_id)  # fmt: skip
+                log.warning("lost the lease of task %s (entry %s) before its answer was published: another host "
+                            "took it, or a call whose reply was lost published it", answering.task_id, entry_id)  # fmt: skip
         if time.monotonic() < self._reap_after:
             return
         free = self._free()
@@ -256,27 +265,45 @@ class _Server:
             try:
                 method, args, kwargs = _call(task.decode())
             except Exception as exc:
-                self._reply(task, ERROR, _error(exc))
+                self._answer(task, Reply(ERROR, error_record(exc)))
                 continue
             if isinstance(method, str) and not self.gate.permits(method):
                 log.warning("refused task %s: method %r is not allowed here", task.task_id, method)
-                self._reply(task, ERROR, {
+                self._answer(task, Reply(ERROR, {
                     "type": "MethodNotAllowed",
                     "message": f"method {method!r} is not allowed on this host: a remote task may call only what "
                                "the host registers (see 'Threat model' in docs/scale-out.md)",
                     "traceback": "",
-                })  # fmt: skip
+                }))  # fmt: skip
                 continue
-            call = _WithTaskId(task.task_id, method) if self._wrap else method
-            future = self.pool.submit(call, *args, **kwargs)
+            if self._passthrough:
+                future = self.pool.submit(_Run(task.task_id, task.codec), task.payload)
+            else:
+                future = self.pool.submit(method, *args, **kwargs)
             with self._lock:
                 self.running[task.entry_id] = (task, future)
-            future.add_done_callback(lambda fut, task=task: self._done.put((task, fut)))
+            future.add_done_callback(lambda fut, task=task: self._finished(task, fut))
 
-    def _reply(self, task: Task, status: str, value: Any) -> None:
+    def _finished(self, task: Task, future: Future[Any]) -> None:
+        """A task's run ended (the pool's thread): its worker is free at once, and its
+        answer goes to whichever thread publishes it, unless its lease was lost meanwhile."""
         with self._lock:
-            self.answering[task.entry_id] = task
-        self._done.put((task, _Reply(status, value)))
+            held = self.running.get(task.entry_id)
+            if held is None or held[1] is not future:
+                return  # its lease was lost (the entry may run here again, as another run)
+            del self.running[task.entry_id]
+            self._answer_locked(task, future)
+
+    def _answer(self, task: Task, outcome: Reply) -> None:
+        with self._lock:
+            self._answer_locked(task, outcome)
+
+    def _answer_locked(self, task: Task, outcome: Future[Any] | Reply) -> None:
+        self.answering[task.entry_id] = task
+        if self.answers.route(task, outcome):
+            self._freed.set()
+        else:  # the fetch loop waits in Redis: the completer publishes it now
+            self.answers.hand_over(task, outcome)
 
     def _lose_everything(self, exc: BaseException) -> None:
         with self._lock:
@@ -284,100 +311,14 @@ class _Server:
             count = len(held) + len(self.answering)
             self.running.clear()
             self.answering.clear()
+        self.answers.drop_all()
         for _task, fut in held:
             fut.cancel()
         log.warning("%s; dropping the %d task(s) held here (Redis lost them: their clients are told so)", exc, count)
 
-    # -- results (the completer thread) ------------------------------------------------
-
-    def _complete_loop(self) -> None:
-        while True:
-            item = self._done.get()
-            if item is None:
-                return
-            task, outcome = item
-            with self._lock:
-                if isinstance(outcome, Future):
-                    held = self.running.get(task.entry_id)
-                    if held is None or held[1] is not outcome:
-                        continue  # its lease was lost (the entry may run here again, as another run)
-                    del self.running[task.entry_id]
-                    self.answering[task.entry_id] = task
-                elif task.entry_id not in self.answering:
-                    continue
-            self._freed.set()
-            try:
-                self._answer(task, outcome)
-            except Exception:
-                log.exception("answering task %s failed", task.task_id)
-            finally:
-                with self._lock:
-                    self.answering.pop(task.entry_id, None)
-
-    def _answer(self, task: Task, outcome: Future[Any] | _Reply) -> None:
-        if isinstance(outcome, _Reply):
-            self._publish(task, outcome.status, outcome.value)
-            return
-        try:
-            value = outcome.result()
-        except CancelledError:
-            self._publish(task, None, None)
-            return
-        except WorkerLost as exc:
-            # not this task's fault, maybe: any host may take it now; the reaper
-            # dead-letters it after max_deliveries
-            log.warning("task %s lost its worker (%s); released", task.task_id, exc)
-            self._publish(task, None, None)
-            return
-        except BaseException as exc:
-            self._publish(task, ERROR, _error(exc))
-            return
-        self._publish(task, OK, value)
-
-    def _publish(self, task: Task, status: str | None, value: Any) -> None:
-        """Complete the task with ``status`` (None: release it), retrying through outages
-        until done, its lease is lost, or the server closes."""
-        retried = False
-        while True:
-            with self._lock:
-                if task.entry_id not in self.answering:
-                    return  # renew found the lease lost meanwhile
-            try:
-                if status is None:
-                    self.broker.release(task.entry_id)
-                elif not self._complete(task, status, value):
-                    if retried:  # the call before the outage may have published it: the script tells not which
-                        log.info("task %s: its result was published before the outage, or its lease was lost",
-                                 task.task_id)  # fmt: skip
-                    else:
-                        log.warning("the result of task %s was discarded: its lease was lost to another host",
-                                    task.task_id)  # fmt: skip
-                self._ok()
-                return
-            except GroupMissing as exc:
-                self._ok()  # Redis answered: without the group (it restarted empty, or the stream was deleted)
-                log.warning("the result of task %s was dropped: %s", task.task_id, exc)
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                retried = True
-                if self._closing.wait(self.outage.failed(exc)):
-                    log.warning("stopping with the answer to task %s unpublished (Redis unreachable): "
-                                "a host runs it again after the lease", task.task_id)  # fmt: skip
-                    return
-
-    def _complete(self, task: Task, status: str, value: Any) -> bool:
-        try:
-            done: bool = self.broker.complete(task, value, status=status)
-        except (TypeError, ValueError, OverflowError) as exc:  # the codec cannot carry the result
-            error = TypeError(f"the result of task {task.task_id!r} cannot be encoded with {task.codec!r}: {exc}")
-            done = self.broker.complete(task, _error(error), status=ERROR)
-        return done
-
     def close(self) -> None:
-        """Give back what is still held (a stop while tasks run) and leave the group."""
-        self._closing.set()
+        """Give back what is still held (a stop while tasks run), publish the answers
+        ready, and leave the group."""
         with self._lock:
             held = list(self.running.values())
             self.running.clear()
@@ -396,13 +337,13 @@ class _Server:
                     log.exception("releasing task %s failed", task.task_id)
         if kept:
             log.warning("could not give back %d task(s): Redis is unreachable; hosts take them after the lease", kept)
-        self._done.put(None)
-        self._completer.join(10)
+        self.answers.close()
         try:
             self.broker.leave()
         except Exception as exc:
             if not is_transient(exc):
                 log.exception("leaving the consumer group failed")
+        self.broker.close()
 
 
 def _call(value: Any) -> tuple[Any, list[Any], dict[str, Any]]:

@@ -128,6 +128,10 @@ class RedisTransport(PipeTransport):
         default=10.0, converter=float, validator=_seconds,
         metadata={"doc": "seconds before a Redis call that gets no answer fails (and is retried)"},
     )  # fmt: skip
+    cluster: bool = attrs.field(
+        default=False, validator=_flag,
+        metadata={"doc": "true: url is one node of a Redis Cluster (the app's keys share one slot)"},
+    )  # fmt: skip
 
     def __attrs_post_init__(self) -> None:
         has_key = bool(self.secret or os.environ.get(SECRET_ENV))
@@ -154,4 +158,5 @@ class RedisTransport(PipeTransport):
         return Broker.from_url(
             self.url, self.stream, codec=self.codec, lease_ms=self.lease_ms, max_deliveries=self.max_deliveries,
             secret=self.secret or None, insecure=self.insecure, socket_timeout=self.socket_timeout,
+            cluster=self.cluster,
         )  # fmt: skip
