@@ -45,6 +45,7 @@ import reprlib
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence, Sized
 from collections.abc import Set as AbstractSet
 from concurrent.futures import Future
@@ -170,6 +171,18 @@ class Spec:
                 "which has no update(n) and close(); a bar factory must return a bar such as tqdm's"
             )
         return Progress(bar, owned=True, total=total, grows=grows)
+
+    def start_for_pool(self, owner: object, sup: Any, unit: str) -> Progress:
+        """A facade's bar of the jobs it was given, started after the pool's forks (its
+        thread would otherwise be forked with them: docs/reliability.md, "Forking and
+        threads"); a bar that cannot start stops the pool; closed when ``owner`` is dropped."""
+        try:
+            bar = self.start(0, grows=True, unit=unit)
+        except BaseException:
+            sup.shutdown(force=True)
+            raise
+        weakref.finalize(owner, bar.close)
+        return bar
 
 
 class Progress:

@@ -16,7 +16,6 @@ import os
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError
 from typing import Any, Self
@@ -158,13 +157,8 @@ class BossWorker:
         self._sink = _BossSink(self._finished)
         self._sup = Supervisor(config, sink=self._sink)
         self._sup.start()
-        if progress is not None:  # its thread starts after the pool's forks (docs/reliability.md, "Forking and threads")
-            try:
-                self._bar = progress.start(0, grows=True, unit="job")
-            except BaseException:
-                self._sup.shutdown(force=True)
-                raise
-            weakref.finalize(self, self._bar.close)  # a boss dropped without shut_down()
+        if progress is not None:
+            self._bar = progress.start_for_pool(self, self._sup, "job")
 
     def _finished(self, ok: bool, value: Any) -> None:
         if self._bar is not None and (ok or not isinstance(value, CancelledError)):

@@ -21,7 +21,6 @@ import importlib
 import inspect
 import logging
 import os
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from typing import Any, Self, TypeAlias, TypeVar, TypeVarTuple, overload
@@ -222,13 +221,8 @@ class Dispatcher:
             plugins=(_SpecialMethods(resolver), self._talk),
         )
         self._sup.start()
-        if progress is not None:  # its thread starts after the pool's forks (docs/reliability.md, "Forking and threads")
-            try:
-                self._bar = progress.start(0, grows=True, unit="req")
-            except BaseException:
-                self._sup.shutdown(force=True)
-                raise
-            weakref.finalize(self, self._bar.close)  # a dispatcher dropped without shutdown()
+        if progress is not None:
+            self._bar = progress.start_for_pool(self, self._sup, "req")
         self._talk.say(logging.INFO, f"dispatcher started ({config_obj.scaling.name} scaling)")
 
     # -- requests ----------------------------------------------------------------------
