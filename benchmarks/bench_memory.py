@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # _tasks: functions every pool pickles by reference, and the PRELOADED global the workers inherit
 import _tasks
+from _finish import finish
 
 import prefork
 from prefork.testing import descendants
@@ -293,16 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 variants[variant][name] = run_child(["--child", "fork", "--pool", name, "--variant", variant, *sizes])
             print(f"fork: {variant} done", flush=True)
         result["fork"] = {"mb": mb, "variants": variants}
-    left = descendants(os.getpid())
-    result["leftover_processes"] = sorted(left)
-    report(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
-    if left:
-        print(f"error: processes left behind: {sorted(left)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(result, args.json, report)
 
 
 def report(result: dict[str, Any]) -> None:

@@ -74,9 +74,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import _tasks  # functions the workers import by reference
+from _finish import finish
 
 import prefork
-from prefork.testing import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "scale.json"
@@ -383,16 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     for case, run in (("queued", run_queued), ("cpu", run_cpu), ("lazymap", run_lazymap)):
         if case in chosen:
             result[case] = run(args)
-    left = descendants(os.getpid())
-    result["leftover_processes"] = sorted(left)
-    report(result)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
-    if left:
-        print(f"error: processes left behind: {sorted(left)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(result, args.json, report)
 
 
 def child_main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
