@@ -119,13 +119,15 @@ def mpm_table(data: dict[str, Any]) -> str:
 
 
 def redis_table(data: dict[str, Any]) -> str:
+    workers = data.get("workers", 1)
     lines = [
-        f"Each supervisor a `prefork run` process with 1 worker; {data['tasks']:,} no-op tasks at once, "
-        f"{data['trips']:,} sequential round trips; {data['rounds']} rounds, medians.",
-        "",
-        "| measure | value |",
-        "|---|---|",
+        f"Each system with {workers} worker{'s' if workers != 1 else ''} unless the measure says otherwise, "
+        f"on one redis-server; {data['tasks']:,} no-op tasks at once, {data['trips']:,} sequential round trips; "
+        f"{data['rounds']} rounds, interleaved, medians.",
     ]
+    if data.get("peers"):
+        lines += ["", "How each peer's workers ran: " + "; ".join(f"{name}: {how}" for name, how in data["peers"].items()) + "."]
+    lines += ["", "| measure | value |", "|---|---|"]
     lines += [f"| {key} | {_num(value)} |" for key, value in data["medians"].items()]
     return "\n".join(lines)
 

@@ -247,7 +247,7 @@ class _Conn:
         if sock.fileno() < 0:
             return
         try:
-            if self.linger or self.h11.their_state in (h11.SEND_BODY, h11.ERROR) or _unread(sock):
+            if self.linger or not self._request_read() or _unread(sock):
                 sock.shutdown(socket.SHUT_WR)
                 end = time.monotonic() + _LINGER
                 while (left := end - time.monotonic()) > 0:
@@ -257,6 +257,20 @@ class _Conn:
         except OSError:
             pass
         sock.close()
+
+    def _request_read(self) -> bool:
+        """Has the client's request been read to its end?  A bodiless request's end is
+        already in h11's buffer (a ``Connection: close`` response never asks for it):
+        True then, so close() does not wait for the client's FIN.  False while a body
+        may still be coming, or the request was broken."""
+        h = self.h11
+        try:
+            while h.their_state is h11.SEND_BODY:
+                if h.next_event() is h11.NEED_DATA:  # what is buffered only: no recv
+                    return False
+        except h11.RemoteProtocolError:
+            return False
+        return h.their_state is not h11.ERROR
 
     def environ(self, request: h11.Request) -> dict[str, Any]:
         env = self.base.copy()

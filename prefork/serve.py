@@ -53,6 +53,11 @@ __all__ = ["serve"]
 log = logging.getLogger("prefork.serve")
 
 
+#: connections a child of prefork serve accepts in a row before it looks at its signals
+#: pipe and channel again (a sync server's accept loop: no select while connections queue)
+_ACCEPT_BURST = 16
+
+
 def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any], Any], read_timeout: float,
                 wsgi: bool = False) -> None:
     """A child of ``prefork serve``: accept, handle, repeat; leave on SIGTERM once idle.
@@ -91,12 +96,19 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
     sel.register(listener, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
     sel.register(channel.fileno(), selectors.EVENT_READ)
+    listen_fd = listener.fileno()
+    burst = 0  # connections accepted in a row without waiting in select
     while not me.leaving:
-        for key, _ in sel.select():
-            if key.fd == wake_r:
+        if 0 < burst < _ACCEPT_BURST:
+            fds: Any = (listen_fd,)  # busy: the next connection may be queued already, take it without a wait
+        else:
+            burst = 0
+            fds = [key.fd for key, _ in sel.select()]
+        for fd in fds:
+            if fd == wake_r:
                 os.read(wake_r, 512)
                 continue
-            if key.fd == channel.fileno():
+            if fd != listen_fd:  # the channel
                 try:
                     channel.recv()
                 except OSError:
@@ -105,10 +117,12 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
                 break
             try:
                 conn, addr = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # another child took it
-            conn.settimeout(read_timeout or None)
-            if not per_request:
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                burst = 0
+                continue  # nothing queued, another child took it, or its client reset it in the queue
+            burst += 1
+            if not per_request:  # the WSGI handler sets its socket's mode itself and times its own waits
+                conn.settimeout(read_timeout or None)
                 me.busy()
             try:
                 handler(conn, addr)

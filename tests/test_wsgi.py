@@ -292,6 +292,28 @@ def test_connection_close_and_http_1_0_end_the_connection_after_the_response(ser
         assert b"chunked" not in answer.lower()
 
 
+def test_a_connection_close_request_frees_its_child_without_waiting_for_the_clients_fin(tmp_path: Path) -> None:
+    """A bodiless request answered with Connection: close is read to its end: the child
+    closes at once and takes the next connection.  It used to linger (shut its side,
+    wait up to 2 s for the client to close), so one client that kept its socket open
+    after the response held the only child for 2 s."""
+    srv = Server(tmp_path, "--set", "scaling.name=fixed", "--set", "scaling.workers=1")
+    try:
+        wait_until(lambda: len(srv.workers()) == 1, what="one child")
+        with srv.connect() as first:
+            status, headers, _ = raw(first, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (status, headers["connection"]) == (200, "close")
+            assert until_closed(first) == b""  # our side stays open from here on
+            with srv.connect() as second:
+                t0 = time.monotonic()
+                status, _, body = raw(second, b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                waited = time.monotonic() - t0
+            assert (status, body) == (200, b"hello /b")
+            assert waited < 1.0, f"the only child answered the next client after {waited:.2f} s (it lingered)"
+    finally:
+        srv.stop()
+
+
 def test_two_pipelined_requests_get_two_responses_in_order(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
