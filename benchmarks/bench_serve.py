@@ -20,6 +20,10 @@ as a proxy in front of a sync server would:
   slow       GET /, keep-alive, while K slow clients (a helper process) each hold
              a connection and send one header byte every 100 ms, never ending
              their headers (slowloris); one the server closes is reopened
+  paced      as keepalive, and as close (paced-close), but each wrk connection
+             pauses 1 ms between a response and its next request: about a
+             quarter of the load the others put on, where latency is not
+             mostly the wait for a CPU that the other scenarios saturate
 
 gunicorn's sync worker answers every request with "Connection: close", so wrk
 reconnects after each response there whatever the scenario asks for; a prefork
@@ -104,7 +108,12 @@ SCENARIOS: dict[str, tuple[str, str | None, bool, str]] = {
     "close": ("/", "Connection: close", False, "GET /, a new connection per request"),
     "cpu": ("/cpu", None, False, "GET /cpu (~2 ms of CPU), keep-alive"),
     "slow": ("/", None, True, "GET /, keep-alive, with K slowloris clients"),
+    "paced": ("/", None, False, "GET /, keep-alive, each connection pausing 1 ms between requests (~25 % load)"),
+    "paced-close": ("/", "Connection: close", False, "GET /, a new connection per request, 1 ms pauses"),
 }
+#: scenarios whose wrk connections pause PACE_MS between a response and their next request
+PACED = frozenset({"paced", "paced-close"})
+PACE_MS = 1
 
 #: wrk's summary as one line of JSON (latencies in µs)
 WRK_LUA = """\
@@ -653,7 +662,7 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{TITLE}: {args.workers} workers each, wrk -t{args.threads} -c{args.connections}, {args.rounds} round(s) "
           f"x {args.seconds} s per server and scenario, {args.slow_clients} slow client(s) in 'slow'; medians over "
           "rounds, errors summed")
-    head = (f"{'scenario':<10} {'server':<9} {'requests/s':>11} {'p50 µs':>9} {'p99 µs':>9} {'non-2xx':>8} "
+    head = (f"{'scenario':<12} {'server':<9} {'requests/s':>11} {'p50 µs':>9} {'p99 µs':>9} {'non-2xx':>8} "
             f"{'sock err':>8} {'srv CPU/req µs':>14} {'probe ok':>10} {'probe p50 µs':>12} {'other CPU':>9}")
     print(head)
     print("-" * len(head))
@@ -663,20 +672,20 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
                 ("no request answered", not s["rps"]), ("non-2xx answers", s["non2xx"]),
                 ("socket errors", s["socket_errors"]), ("probes failed", s["probe_ok"] < s["probe_sent"])) if bad)
             flag = f"  <- {flag}" if flag else ""
-            print(f"{scenario:<10} {kind:<9} {_fmt(s['rps']):>11} {_fmt(s['p50_us']):>9} {_fmt(s['p99_us']):>9} "
+            print(f"{scenario:<12} {kind:<9} {_fmt(s['rps']):>11} {_fmt(s['p50_us']):>9} {_fmt(s['p99_us']):>9} "
                   f"{s['non2xx']:>8} {s['socket_errors']:>8} {_fmt(s['server_cpu_us_per_req'], '.1f'):>14} "
                   f"{s['probe_ok']:>4}/{s['probe_sent']:<5} {_fmt(s['probe_p50_us']):>12} "
                   f"{_fmt(s['other_cpu_pct'], '.0f'):>8}%{flag}")
         r = entry["ratio"]
         if r:
-            print(f"{scenario:<10} {'ratio':<9} {_fmt_ratio(r['rps']):>11} {_fmt_ratio(r['p50']):>9} "
+            print(f"{scenario:<12} {'ratio':<9} {_fmt_ratio(r['rps']):>11} {_fmt_ratio(r['p50']):>9} "
                   f"{_fmt_ratio(r['p99']):>9}")
     print()
     print("ratio: requests/s prefork/gunicorn, latencies gunicorn/prefork: > 1 means prefork is better")
     print(f"probe: a new connection every {PROBE_INTERVAL:g} s during the run, GET /, {REQUEST_TIMEOUT:g} s timeout "
           "(ok/sent); other CPU: the machine's busy CPU not used by the server, wrk or this script")
     for scenario, entry in summary.items():
-        print(f"  {scenario:<10} {entry['description']}")
+        print(f"  {scenario:<12} {entry['description']}")
     slow = summary.get("slow")
     if slow:
         for kind, s in slow["servers"].items():
@@ -757,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         logdir.mkdir(parents=True, exist_ok=True)
         lua = Path(tmp) / "done.lua"
         lua.write_text(WRK_LUA)
+        paced_lua = Path(tmp) / "paced.lua"
+        paced_lua.write_text(WRK_LUA + f"delay = function()\n  return {PACE_MS}\nend\n")
         args.rundir = Path(tmp) / "cwd"
         args.rundir.mkdir()
         try:
@@ -765,11 +776,12 @@ def main(argv: list[str] | None = None) -> int:
                 for scenario in scenarios:
                     for kind in order:
                         serial += 1
-                        res = run_one(kind, scenario, args, logdir, serial, lua)  # stops all it started
+                        res = run_one(kind, scenario, args, logdir, serial,  # stops all it started
+                                      paced_lua if scenario in PACED else lua)
                         runs[scenario][kind].append(res)
                         errs = sum(res["socket_errors"].values())
                         probe = res["probe"]
-                        print(f"round {rnd + 1}/{args.rounds} {scenario:<9} {kind:<8} {res['rps']:8.0f} req/s  "
+                        print(f"round {rnd + 1}/{args.rounds} {scenario:<11} {kind:<8} {res['rps']:8.0f} req/s  "
                               f"p50 {_fmt(res['p50_us']):>7} µs  p99 {_fmt(res['p99_us']):>7} µs  "
                               f"non-2xx {res['non2xx']}  socket errors {errs}  probe {probe['ok']}/{probe['sent']}  "
                               f"other CPU {res['other_cpu_pct']:.0f}%", flush=True)

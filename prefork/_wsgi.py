@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import select
@@ -77,7 +78,7 @@ def _unread(sock: socket.socket) -> bool:
 class _Conn:
     """One client connection: its socket, its h11 state, the limits, and what went wrong."""
 
-    def __init__(self, sock: socket.socket, addr: Any, cfg: MPMConfig) -> None:
+    def __init__(self, sock: socket.socket, addr: Any, cfg: MPMConfig, here: Any = None) -> None:
         self.sock, self.cfg = sock, cfg
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_header_bytes)
         self.timeout = cfg.read_timeout or None
@@ -86,7 +87,9 @@ class _Conn:
         self.declared: int | None = 0  #: the request's Content-Length (None: chunked)
         self.received = 0  #: body bytes read of this request
         self.others_wait: Callable[[], bool] = _nobody  #: do connections wait for a child? (then no keep-alive)
-        here = sock.getsockname() if sock.family in (socket.AF_INET, socket.AF_INET6) else ("localhost", 0)
+        self.client_closes = False  #: the request said Connection: close (or is HTTP/1.0): it is the last
+        if here is None:  # the listener's address, when it is one address (else this connection's)
+            here = sock.getsockname() if sock.family in (socket.AF_INET, socket.AF_INET6) else ("localhost", 0)
         peer = addr if isinstance(addr, tuple) else ("", 0)
         self.client = f"{peer[0]}:{peer[1]}"
         self.base: dict[str, Any] = {
@@ -149,6 +152,7 @@ class _Conn:
         """A request head's limits: None, or the status and reason to refuse it with."""
         cfg = self.cfg
         self.received, self.declared = 0, 0
+        self.client_closes = request.http_version != b"1.1"
         if head > cfg.max_header_bytes:
             return 431, f"request line and headers of {head} bytes, over mpm.max_header_bytes = {cfg.max_header_bytes}"
         if len(request.headers) > cfg.max_headers:
@@ -161,6 +165,8 @@ class _Conn:
                 self.declared = int(value)
             elif name == b"transfer-encoding":
                 self.declared = None
+            elif name == b"connection" and b"close" in value.lower():
+                self.client_closes = True
         if cfg.max_body and (self.declared or 0) > cfg.max_body:
             return 413, f"a request body of {self.declared} bytes, more than mpm.max_body = {cfg.max_body}"
         return None
@@ -247,7 +253,8 @@ class _Conn:
         if sock.fileno() < 0:
             return
         try:
-            if self.linger or not self._request_read() or _unread(sock):
+            # a client that said Connection: close sends nothing after its request: no peek for more
+            if self.linger or not self._request_read() or (not self.client_closes and _unread(sock)):
                 sock.shutdown(socket.SHUT_WR)
                 end = time.monotonic() + _LINGER
                 while (left := end - time.monotonic()) > 0:
@@ -322,7 +329,8 @@ class _Response:
             h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
         extra = [(b"content-length", self.length)] if self.length else []
         if (unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0
-                or conn.others_wait()):  # a kept connection would hold this child while new clients queue
+                or (not conn.client_closes and conn.others_wait())):  # (h11 says close to one that closes)
+            # a kept connection would hold this child while new clients queue
             extra.append((b"connection", b"close"))
         response = head.response(*extra)  # h11 checks the fields here: a bad one is the app's error (500)
         self.started = True
@@ -366,15 +374,17 @@ class WSGIHandler:
         #: the listening socket: while connections wait in its queue, responses close their connection
         self.listener: socket.socket | None = None
         self._waiting: Callable[[], bool] | None = None
+        self._here: Any = None  # the listener's (host, port) when it has one address, for SERVER_NAME/PORT
 
     def __call__(self, sock: socket.socket, addr: Any) -> None:
         me = current_worker()
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no wait for an ACK between responses
         sock.settimeout(None)  # blocking: _Conn waits itself, and only when there is nothing to read or no room
-        conn = _Conn(sock, addr, self.cfg)
         if self._waiting is None:  # once per child: how to see connections queue behind this one
             self._waiting = (waiting_reader(self.listener) if self.listener is not None else None) or _nobody
+            self._here = _one_address(self.listener)
+        conn = _Conn(sock, addr, self.cfg, self._here)
         conn.others_wait = self._waiting
         try:
             while (request := conn.read_head(time.monotonic() + self.cfg.header_timeout)) is not None:
@@ -449,6 +459,15 @@ class WSGIHandler:
                     return True
                 os.read(fd, 512)
         return False
+
+
+def _one_address(listener: socket.socket | None) -> Any:
+    """The listener's (host, port) if every connection it accepts has that local address
+    (it is bound to one IP address); None: each connection's own (a wildcard, a path)."""
+    if listener is None or listener.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    here = listener.getsockname()
+    return None if ipaddress.ip_address(here[0].split("%")[0]).is_unspecified else here[:2]
 
 
 def _nobody() -> bool:

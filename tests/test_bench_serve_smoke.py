@@ -26,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks" / "bench_serve.py"
-SCENARIOS = ("keepalive", "close", "cpu", "slow")
+SCENARIOS = ("keepalive", "close", "cpu", "slow", "paced", "paced-close")
 SERVERS = ("prefork", "gunicorn")
 
 

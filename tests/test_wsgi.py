@@ -386,6 +386,20 @@ def test_the_environ_has_every_key_pep_3333_asks_for(server: Server) -> None:
     assert env["input"] and env["errors"]
 
 
+def test_server_name_is_each_connections_own_address_when_bound_to_every_address(tmp_path: Path) -> None:
+    """Bound to one address, a child reads SERVER_NAME/PORT once from the listener; bound
+    to 0.0.0.0 it must not: each connection has its own local address (127.0.0.2 here)."""
+    srv = Server(tmp_path, *FIXED, "--set", "mpm.bind=0.0.0.0:0")
+    try:
+        for host in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+            with socket.create_connection((host, srv.port), timeout=10) as sock:
+                status, _, body = raw(sock, b"GET /environ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            env = json.loads(body)
+            assert (status, env["SERVER_NAME"], env["SERVER_PORT"]) == (200, host, str(srv.port))
+    finally:
+        srv.stop()
+
+
 def test_urllib_gets_and_posts(server: Server) -> None:
     base = f"http://127.0.0.1:{server.port}"
     with urllib.request.urlopen(f"{base}/from-urllib", timeout=10) as response:
