@@ -165,7 +165,7 @@ class _Conn:
                 self.declared = int(value)
             elif name == b"transfer-encoding":
                 self.declared = None
-            elif name == b"connection" and b"close" in value.lower():
+            elif name == b"connection" and any(token.strip() == b"close" for token in value.lower().split(b",")):
                 self.client_closes = True
         if cfg.max_body and (self.declared or 0) > cfg.max_body:
             return 413, f"a request body of {self.declared} bytes, more than mpm.max_body = {cfg.max_body}"

@@ -314,6 +314,36 @@ def test_a_connection_close_request_frees_its_child_without_waiting_for_the_clie
         srv.stop()
 
 
+def test_close_is_a_token_of_the_connection_header_not_a_substring(server: Server) -> None:
+    with server.connect() as sock:  # "close" among other tokens: the last request
+        status, headers, _ = raw(sock, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\n")
+        assert (status, headers["connection"]) == (200, "close")
+        assert until_closed(sock) == b""
+    with server.connect() as sock:  # no close token: the connection carries the next request
+        status, headers, _ = raw(sock, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: closely\r\n\r\n")
+        assert status == 200 and "connection" not in headers
+        status, _, body = raw(sock, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, body) == (200, b"hello /b")
+
+
+def test_a_connection_header_without_the_close_token_still_yields_to_a_waiting_client(tmp_path: Path) -> None:
+    """A client that says close needs no look at the listen queue (its connection ends
+    anyway); one whose Connection header merely contains the letters must still get
+    Connection: close while another client waits for the only child."""
+    srv = Server(tmp_path, "--set", "scaling.name=fixed", "--set", "scaling.workers=1")
+    try:
+        wait_until(lambda: len(srv.workers()) == 1, what="one child")
+        with srv.connect() as first:
+            assert raw(first, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200  # the child keeps it open
+            with srv.connect() as second:  # queued: the only child waits on the first connection
+                status, headers, _ = raw(first, b"GET /2 HTTP/1.1\r\nHost: x\r\nConnection: closely\r\n\r\n")
+                assert (status, headers.get("connection")) == (200, "close")
+                status, _, body = raw(second, b"GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert (status, body) == (200, b"hello /3")
+    finally:
+        srv.stop()
+
+
 def test_two_pipelined_requests_get_two_responses_in_order(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
