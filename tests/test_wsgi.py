@@ -344,6 +344,25 @@ def test_a_connection_header_without_the_close_token_still_yields_to_a_waiting_c
         srv.stop()
 
 
+def test_a_response_to_a_body_still_coming_is_read_whole_not_lost_to_a_reset(server: Server) -> None:
+    """The app answers without reading a 4 MiB body.  The child then shuts its side and
+    reads what the client still sends before closing: a close with unread bytes would
+    send a reset, and a reset makes the client's kernel drop the answer it holds."""
+    body = b"x" * (4 << 20)
+    head = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    for _ in range(3):
+        with server.connect() as sock:
+            sock.sendall(head + body[: 256 << 10])
+            status, headers, answer = raw(sock, b"")  # the answer comes before the body is all sent
+            assert (status, headers["connection"], answer) == (200, "close", b"hello /a")
+            try:
+                sock.sendall(body[256 << 10 :])  # the child reads it out (or has closed after 2 s: then a reset)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            sock.shutdown(socket.SHUT_WR)
+            assert until_closed(sock) == b""
+
+
 def test_two_pipelined_requests_get_two_responses_in_order(server: Server) -> None:
     with server.connect() as sock:
         sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
