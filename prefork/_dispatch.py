@@ -12,9 +12,12 @@ next one travels.  Each task is claimed from the sink once (a task sent back
 after a death was claimed already), and given to its worker in the ledger
 before its frame exists: if the send fails, the death of that worker settles it.
 
-How many tasks per worker is :func:`auto_prefetch`'s call unless set: one for
-long tasks (a fair spread), two for medium ones (the next is there when one
-ends), a batch for short ones (fewer frames, fewer system calls per task).
+How many tasks per worker is :func:`auto_prefetch`'s call unless set: two for
+long and medium tasks (the next is there when one ends), a batch for short
+ones (fewer frames, fewer system calls per task).  Long tasks travel in
+TAKEABLE frames (:func:`takeable`): a worker that runs out of work gets the
+one waiting behind another's slow task (``prefork._takeback``), so the second
+task a worker holds is never a hostage.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from prefork.strategies.serializer import Serializer
 
 AUTO_BATCH: Final = 64  #: most tasks in flight per worker when the queue is deep and tasks short
 SHORT_TASK: Final = 0.0002  #: tasks shorter than this (moving average, s) are batched
-LONG_TASK: Final = 0.005  #: tasks longer than this go one at a time per worker
+LONG_TASK: Final = 0.005  #: tasks longer than this are sent takeable (``prefork._takeback``)
 FRAME_BYTES: Final = 256 * 1024  #: a CALLS frame stops growing past this size (one large call may exceed it)
 
 Items = list[tuple[int, _frames.Payload]]
@@ -66,11 +69,18 @@ def encode_call(task: Task, dump_parts: Callable[[Any], list[Any]], serializer: 
 def auto_prefetch(avg_task: float | None, queued: int, alive: int) -> int:
     """Tasks in flight per worker, from the moving average run time of tasks."""
     alive = alive or 1
-    if queued <= alive or avg_task is None or avg_task >= LONG_TASK:
+    if queued <= alive or avg_task is None:
         return 1
     if avg_task >= SHORT_TASK:
         return 2
     return min(AUTO_BATCH, max(2, -(-queued // alive)))
+
+
+def takeable(avg_task: float | None, per: int) -> bool:
+    """Whether tasks sent now go in TAKEABLE frames: long ones, when a worker may hold
+    more than one (the automatic policy's choice; an explicit ``pool.prefetch`` is
+    taken as given)."""
+    return per > 1 and avg_task is not None and avg_task >= LONG_TASK
 
 
 def fill(
@@ -135,4 +145,4 @@ def fill(
     return frames
 
 
-__all__ = ["AUTO_BATCH", "FRAME_BYTES", "LONG_TASK", "SHORT_TASK", "auto_prefetch", "encode_call", "fill"]
+__all__ = ["AUTO_BATCH", "FRAME_BYTES", "LONG_TASK", "SHORT_TASK", "auto_prefetch", "encode_call", "fill", "takeable"]

@@ -4,6 +4,8 @@ Every frame starts with one kind byte.  Calls and results travel in batches:
 one frame carries as many as were ready, so a deep queue costs few syscalls.
 
     CALLS    kind | (tid:u64 len:u32 payload)*          supervisor -> worker
+    TAKEABLE the same as CALLS; each call may be taken back before it starts
+             (the worker claims it first: ``prefork._takeback``)
     STOP     kind                                      supervisor -> worker
     READY    kind                                      worker -> supervisor
     RESULTS  kind | (tid:u64 status:u8 t0:f64 t1:f64 len:u32 payload)*
@@ -21,6 +23,7 @@ from prefork.strategies import optional
 
 CALLS: Final = 1
 STOP: Final = 2
+TAKEABLE: Final = 3
 READY: Final = 10
 RESULTS: Final = 11
 BOOTFAIL: Final = 12
@@ -39,6 +42,7 @@ _RESULT = struct.Struct("<QBddI")
 _DATA = struct.Struct("<Bi")
 
 CALLS_HEAD: Final = bytes([CALLS])
+TAKEABLE_HEAD: Final = bytes([TAKEABLE])
 RESULTS_HEAD: Final = bytes([RESULTS])
 STOP_FRAME: Final = bytes([STOP])
 READY_FRAME: Final = bytes([READY])
@@ -89,10 +93,10 @@ def payload_size(payload: Payload) -> int:
     return sum(len(p) for p in payload)
 
 
-def call_pieces(items: list[tuple[int, Payload]]) -> list[Buffer]:
-    """A CALLS frame as pieces (join them, or :func:`send_pieces`)."""
+def call_pieces(items: list[tuple[int, Payload]], takeable: bool = False) -> list[Buffer]:
+    """A CALLS (or TAKEABLE) frame as pieces (join them, or :func:`send_pieces`)."""
     pack = _CALL.pack
-    pieces: list[Buffer] = [CALLS_HEAD]
+    pieces: list[Buffer] = [TAKEABLE_HEAD if takeable else CALLS_HEAD]
     for tid, payload in items:
         if type(payload) is bytes:
             pieces.append(pack(tid, len(payload)))
@@ -104,7 +108,8 @@ def call_pieces(items: list[tuple[int, Payload]]) -> list[Buffer]:
 
 
 def decode_calls(frame: Buffer) -> list[tuple[int, memoryview]]:
-    """(task id, payload) pairs; payloads are views into ``frame``, not copies."""
+    """(task id, payload) pairs of a CALLS or TAKEABLE frame; payloads are views into
+    ``frame``, not copies."""
     out = []
     unpack = _CALL.unpack_from
     size = _CALL.size

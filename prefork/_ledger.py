@@ -12,6 +12,9 @@ the sink's ``deliver``) and asks the ledger what an event means:
 - :meth:`Ledger.settle_death` says, for each task a dead worker held, whether
   it fails (it had started: ``WorkerLost``; or it was sent back too often) or
   goes back to the front of the queue (it never reached user code).
+- :meth:`Ledger.take_back` moves a task a worker holds but has not started
+  back to the front of the queue (``prefork._takeback`` settles the claim with
+  the worker first); ``takeable`` names the held tasks that were sent so.
 
 Counters are separate: ``claimed`` (the sink said yes once), ``retries``
 (re-dispatches after a death before the start), ``crashes`` (deaths while it
@@ -55,7 +58,7 @@ class Ledger:
     which is the order it runs them.
     """
 
-    __slots__ = ("_held", "deadlines", "in_flight", "max_crash_retries", "max_redispatch", "queue")
+    __slots__ = ("_held", "deadlines", "in_flight", "max_crash_retries", "max_redispatch", "queue", "takeable", "taken_back")
 
     def __init__(self, max_crash_retries: int = 0, max_redispatch: int = MAX_REDISPATCH) -> None:
         self.queue: deque[Task] = deque()
@@ -64,6 +67,9 @@ class Ledger:
         self.deadlines: list[tuple[float, int]] = []  #: (when, task id), a heap
         self.max_crash_retries = max_crash_retries
         self.max_redispatch = max_redispatch
+        #: ids of tasks in flight that were sent takeable (only those may be taken back)
+        self.takeable: set[int] = set()
+        self.taken_back = 0  #: tasks taken back so far
 
     # -- the queue ------------------------------------------------------------------
 
@@ -118,6 +124,23 @@ class Ledger:
         else:
             held.remove(task)
         task.holder = None
+        if self.takeable:
+            self.takeable.discard(task.id)
+
+    def take_back(self, holder: Hashable, task: Task) -> None:
+        """``holder`` will not start ``task`` (it was taken back under the slot's lock):
+        the task goes to the front of the queue, as it is (claimed, its counters kept).
+        Its deadline entry stays: the next holder's start is what counts."""
+        held = self._held[holder]
+        if held[-1] is task:
+            held.pop()
+        else:
+            held.remove(task)
+        del self.in_flight[task.id]
+        self.takeable.discard(task.id)
+        task.holder = None
+        self.queue.appendleft(task)
+        self.taken_back += 1
 
     def holder_of(self, task: Task) -> Hashable | None:
         return task.holder if task.id in self.in_flight else None
@@ -155,6 +178,7 @@ class Ledger:
         requeue: list[Task] = []
         for i, task in enumerate(held):
             self.in_flight.pop(task.id, None)
+            self.takeable.discard(task.id)
             task.holder = None
             if task.done:
                 continue
@@ -188,6 +212,7 @@ class Ledger:
             task.holder = None
         self.in_flight.clear()
         self._held.clear()
+        self.takeable.clear()
         tasks.extend(self.drain_queue())
         return tasks
 

@@ -10,11 +10,16 @@ frame there (quick results wait a little to travel together) and sends it
 from there.  The area is shared, so results a worker computed but had not yet
 sent when it died are still there for the supervisor to read: a crash in a
 batch of quick tasks fails only the task that was running.
+
+One more shared thing, a memory file with one byte per slot: the record lock
+(``fcntl.lockf``) that a worker and the supervisor take around a task that may
+be taken back (``prefork._takeback``).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import time
 from typing import Final
 
@@ -37,7 +42,8 @@ DONE: Final = 4  #: tasks finished by this worker
 SINCE: Final = 5  #: monotonic_ns of the last state change
 STACKFD: Final = 6  #: the worker's fd (in its own table) where faulthandler dumps its stack
 BUFFERED: Final = 7  #: bytes of result records waiting in the slot's result area (not yet sent)
-WORDS: Final = 8
+TAKEN: Final = 8  #: id of a task the supervisor took back before the worker started it (0: none)
+WORDS: Final = 9
 
 #: bytes of a slot's result area: its RESULTS kind byte, then records; a record that does not
 #: fit is sent on its own (after what is buffered), never held
@@ -53,6 +59,10 @@ class Scoreboard:
         # large in memory as the biggest batch its workers buffered.
         self._areas = mmap.mmap(-1, slots * AREA, flags=mmap.MAP_SHARED)
         self.areas = memoryview(self._areas)
+        #: the file whose byte ``slot`` is that slot's claim lock (``prefork._takeback``); inherited
+        #: by every worker, never in ``internal_fds``: a POSIX record lock is dropped when its
+        #: process closes any descriptor of the file
+        self.claims = os.memfd_create("prefork-claims", os.MFD_CLOEXEC)
 
     def area(self, slot: int) -> memoryview:
         """The slot's result area (see the module text)."""
@@ -79,6 +89,7 @@ class Scoreboard:
         w[base + SINCE] = time.monotonic_ns()
         w[base + STACKFD] = -1
         w[base + BUFFERED] = 0
+        w[base + TAKEN] = 0
 
     def set_state(self, slot: int, state: int) -> None:
         base = slot * WORDS
@@ -101,3 +112,6 @@ class Scoreboard:
         self._map.close()
         self.areas.release()
         self._areas.close()
+        if self.claims >= 0:
+            os.close(self.claims)
+            self.claims = -1

@@ -31,6 +31,7 @@ from prefork import _frames, _logging, _scoreboard
 from prefork._call import Caller, resolve_method
 from prefork._proctitle import TaskTitle, set_title
 from prefork._result_buffer import ResultBuffer
+from prefork._takeback import Claim
 from prefork._task import WorkerInfo
 from prefork.strategies.resolver import MethodResolver
 from prefork.strategies.serializer import Serializer
@@ -442,6 +443,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
     results = ResultBuffer(ctx.scoreboard, info.slot, channel)
     add = results.add
     flush = results.flush
+    claim = Claim(ctx.scoreboard, info.slot)
     while True:
         frame = recv()
         if frame is None:
@@ -449,14 +451,17 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
         kind = frame[0]
         if kind == _frames.STOP:
             return "stopped by the supervisor"
-        if kind != _frames.CALLS:
+        if kind != _frames.CALLS and kind != _frames.TAKEABLE:
             continue
+        takeable = kind == _frames.TAKEABLE  # each call is claimed under the slot's lock first
         calls = _frames.decode_calls(frame)
         del frame  # a large frame's buffer goes once its payload is decoded
         oldest = 0.0
         for tid, payload in calls:
             if results.size and monotonic() - oldest > _FLUSH_AGE:
                 flush()
+            if takeable and not claim(tid, monotonic_ns()):
+                continue  # the supervisor took it back: another worker runs it
             words[base + _scoreboard.TASK] = tid
             now_ns = monotonic_ns()
             words[base + _scoreboard.STARTED] = now_ns

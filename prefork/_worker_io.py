@@ -22,11 +22,12 @@ from typing import Any, Final
 
 from prefork import _frames, _scoreboard
 from prefork._call import Caller, decode_error
-from prefork._dispatch import FRAME_BYTES, auto_prefetch, fill
+from prefork._dispatch import FRAME_BYTES, auto_prefetch, fill, takeable
 from prefork._ledger import Ledger
 from prefork._scaler import Scaler
 from prefork._spawn import DirectSpawner, ForkServer
 from prefork._status import Tally
+from prefork._takeback import take_back
 from prefork._task import Task
 from prefork._worker import EXIT_BOOT_FAILED, WorkerContext
 from prefork._workers import BOOTING, READY, RETIRING, Worker, WorkerTable, verdict
@@ -225,30 +226,48 @@ class WorkerIO(PoolState):
             self._finish(task, False, exc)
 
     def _dispatch(self) -> None:
-        if not self.queue:
+        if not self.queue and not (self.ledger.takeable and self._take_back()):
             return
         ready = self.table.ready()
         if not ready:
             return
+        sent_takeable = False
         if self.one_at_a_time:
             per = 1  # a running task can be cancelled by killing its worker: nothing else is there
+        elif self.prefetch:
+            per = self.prefetch
         else:
-            per = self.prefetch or auto_prefetch(self._avg_task, len(self.queue), self.table.alive())
+            per = auto_prefetch(self._avg_task, len(self.queue), self.table.alive())
+            sent_takeable = takeable(self._avg_task, per)
         frame_bytes = min(self.max_frame or FRAME_BYTES, FRAME_BYTES)
         frames = fill(self.queue, ready, per, frame_bytes, self.sink.claim, self.ledger.give, self._fail, time.monotonic())
+        if sent_takeable:
+            marked = self.ledger.takeable
+            for _, items in frames:
+                marked.update(tid for tid, _ in items)
         for w, items in frames:
-            self._send_calls(w, items)
+            self._send_calls(w, items, sent_takeable)
         if self.max_tasks:
             for w, _ in frames:
                 if w.budget == 0 and w.state != RETIRING:  # its last tasks: STOP follows them, the replacement forks now
                     self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", "max-tasks", replace=True)
 
+    def _take_back(self) -> bool:
+        """The queue is empty and some worker holds a takeable task: if a worker is
+        idle, take such a task back for it (``prefork._takeback``).  True if any was.
+        Not from a worker given its last budgeted task: it runs exactly its budget."""
+        free = sum(1 for w in self.table.ready() if not w.inflight)
+        if not free:
+            return False
+        holders = [w for w in self.table.all() if len(w.inflight) > 1 and not w.eof and w.budget != 0]
+        return take_back(self.ledger, self.scoreboard, free, holders) > 0
+
     def _fail(self, task: Task, exc: BaseException) -> None:
         self._finish(task, False, exc)
 
-    def _send_calls(self, w: Worker, items: list[tuple[int, _frames.Payload]]) -> None:
+    def _send_calls(self, w: Worker, items: list[tuple[int, _frames.Payload]], takeable: bool = False) -> None:
         try:
-            _frames.send_pieces(w.channel, _frames.call_pieces(items))
+            _frames.send_pieces(w.channel, _frames.call_pieces(items, takeable))
         except Exception as exc:  # a transport's send refused: that worker's channel is unusable
             self._on_broken_channel(w, exc, sending=True)  # its tasks: sent back (never started) or failed as it dies
             return

@@ -340,7 +340,8 @@ def test_a_worker_holds_only_its_channel_and_exec_children_inherit_no_pool_descr
             new = sorted(set(fd_targets(worker).values()) - before)
             sockets = [t for t in new if t.startswith("socket:")]
             stack = [t for t in new if t.startswith(f"/memfd:prefork-stack-{worker}")]
-            assert len(sockets) == 1 and len(stack) == 1 and len(new) == 2, f"worker {worker} holds {new}"
+            claims = [t for t in new if t.startswith("/memfd:prefork-claims")]  # the take-back locks
+            assert len(sockets) == 1 and len(stack) == 1 and len(claims) == 1 and len(new) == 3, f"worker {worker} holds {new}"
             assert not _plumbing(fd_targets(sleep), before), f"its exec'd child holds {fd_targets(sleep)}"
         caller_new = _plumbing(fd_targets(caller_sleep.pid), before)
         assert not caller_new, f"an exec'd child of the caller holds {caller_new}"
