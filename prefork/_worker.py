@@ -166,7 +166,9 @@ class WorkerHandle:
         if not self.leaving and self._budget and self.requests >= self._budget:
             self.leaving = f"max_tasks_per_child reached ({self.requests} requests)"
         if not self.leaving and self._ctx.max_rss_mb and self._rss_base:
-            grown = (_rss_bytes() - self._rss_base) / 2**20
+            rss = _rss_bytes()
+            self._rss_base = min(self._rss_base, rss)  # inherited memory it freed hides no growth
+            grown = (rss - self._rss_base) / 2**20
             if grown > self._ctx.max_rss_mb:
                 self.leaving = f"memory grew by {grown:.0f} MiB since boot (max_rss_mb = {self._ctx.max_rss_mb:g})"
         if self.leaving:
@@ -478,7 +480,9 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
             flush()
         title.idle()
         if rss_limit and not asked:
-            grown = _rss_bytes() - rss_base
+            rss = _rss_bytes()
+            rss_base = min(rss_base, rss)  # growth counts from the lowest point: freed inherited memory hides none
+            grown = rss - rss_base
             if grown > rss_limit:
                 asked = True  # the supervisor sends STOP after what we hold: nothing is lost
                 send(bytes([_frames.LEAVING]) + f"memory grew by {grown / 2**20:.0f} MiB since boot "
