@@ -219,6 +219,7 @@ def snapshot(sup: Supervisor) -> dict[str, Any]:
             "failed": {kind: tally.failed[kind] for kind in FAILURE_KINDS},
             "exits": dict(sorted(tally.exits.items())),
             "spawned": sup.spawned_total,
+            "taken_back": sup.ledger.taken_back,
         },
         **({"timing": {"queue_wait": tally.queue_wait.as_dict(), "run_time": tally.run_time.as_dict()}} if tally.timing else {}),
     }

@@ -81,6 +81,9 @@ METRICS: Final[dict[str, tuple[str, tuple[str, ...], str]]] = {
         "Workers that left, by cause (crash, boot-failure, timeout, max-tasks, max-age, max-rss, scaled-down, ...).",
     ),
     "prefork_workers_spawned": ("counter", (), "Workers forked since the pool started."),
+    "prefork_tasks_taken_back": (
+        "counter", (), "Long tasks taken back from a busy worker before it started them, for an idle one.",
+    ),
     "prefork_workers": ("gauge", ("state",), "Workers now, by state: booting, idle, busy, keepalive (waiting on a kept-alive connection), stopping."),
     "prefork_workers_max": ("gauge", (), "The most workers the scaling policy may run."),
     "prefork_queue_depth": ("gauge", (), "Tasks waiting for a worker."),
@@ -187,6 +190,9 @@ def _add_pool(families: dict[str, Metric], pool: str, status: Mapping[str, Any])
     for cause in dict.fromkeys([*EXIT_CAUSES, *exits]):
         add("prefork_worker_exits", (str(cause),), _number(status, *totals, "exits", cause) if cause in exits else 0.0)
     add("prefork_workers_spawned", (), _number(status, *totals, "spawned"))
+    # a status from an older prefork (over the control socket) has no taken_back: 0
+    taken = "taken_back" in _mapping(status, "totals")
+    add("prefork_tasks_taken_back", (), _number(status, *totals, "taken_back") if taken else 0.0)
     for state in WORKER_STATES:
         missing = state in _LATER_STATES and state not in _mapping(status, "totals")
         add("prefork_workers", (state,), 0.0 if missing else _number(status, *totals, state))

@@ -127,6 +127,7 @@ def test_a_scrape_counts_what_the_pool_did(pool: Supervisor) -> None:
     exits = {c: value(samples, "prefork_worker_exits_total", cause=c) for c in EXIT_CAUSES}
     assert exits == {c: (1 if c in ("crash", "timeout") else 0) for c in EXIT_CAUSES}
     assert value(samples, "prefork_workers_spawned_total") == 4
+    assert value(samples, "prefork_tasks_taken_back_total") == 0  # one task at a time: nothing prefetched
     assert {s: value(samples, "prefork_workers", state=s) for s in ("booting", "idle", "busy", "stopping")} == {
         "booting": 0, "idle": 2, "busy": 0, "stopping": 0}
     assert value(samples, "prefork_workers_max") == 2
@@ -216,6 +217,15 @@ def exposed(*snapshots: dict[str, Any]) -> dict[str, Metric]:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PoolCollector(*(lambda s=s: s for s in snapshots)))
     return {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def test_tasks_taken_back_are_a_counter_and_zero_for_a_status_without_them() -> None:
+    with_count = snapshot("new")
+    with_count["totals"]["taken_back"] = 3
+    families = exposed(with_count, snapshot("old"))  # "old": a status from a prefork before the take-back
+    samples = {s.labels["pool"]: s.value for s in families["prefork_tasks_taken_back"].samples
+               if s.name == "prefork_tasks_taken_back_total"}
+    assert families["prefork_tasks_taken_back"].type == "counter" and samples == {"new": 3.0, "old": 0.0}
 
 
 counts = st.lists(st.integers(0, 10**12), min_size=len(BUCKETS) + 1, max_size=len(BUCKETS) + 1)

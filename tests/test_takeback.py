@@ -189,6 +189,7 @@ def test_a_task_prefetched_behind_a_long_one_is_taken_back_and_runs_elsewhere(tm
             assert not pending, "a short task waited behind X: it was not taken back"
             assert not x.done()
             assert sup(ex).ledger.taken_back >= 1
+            assert sup(ex).status()["totals"]["taken_back"] == sup(ex).ledger.taken_back  # what operators see
             done = runs(log)
             assert sorted(tid for tid, _ in done) == list(range(11))
             assert all(pid != x_pid for tid, pid in done if tid)
