@@ -265,9 +265,9 @@ class WorkerIO(PoolState):
     def _fail(self, task: Task, exc: BaseException) -> None:
         self._finish(task, False, exc)
 
-    def _send_calls(self, w: Worker, items: list[tuple[int, _frames.Payload]], takeable: bool = False) -> None:
+    def _send_calls(self, w: Worker, items: list[tuple[int, _frames.Payload]], as_takeable: bool = False) -> None:
         try:
-            _frames.send_pieces(w.channel, _frames.call_pieces(items, takeable))
+            _frames.send_pieces(w.channel, _frames.call_pieces(items, as_takeable))
         except Exception as exc:  # a transport's send refused: that worker's channel is unusable
             self._on_broken_channel(w, exc, sending=True)  # its tasks: sent back (never started) or failed as it dies
             return

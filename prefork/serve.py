@@ -32,7 +32,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn, cast
 
@@ -100,7 +100,7 @@ def _serve_body(listener: socket.socket, handler: Callable[[socket.socket, Any],
     burst = 0  # connections accepted in a row without waiting in select
     while not me.leaving:
         if 0 < burst < _ACCEPT_BURST:
-            fds: Any = (listen_fd,)  # busy: the next connection may be queued already, take it without a wait
+            fds: Sequence[int] = (listen_fd,)  # busy: the next connection may be queued already, take it without a wait
         else:
             burst = 0
             fds = [key.fd for key, _ in sel.select()]
