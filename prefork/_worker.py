@@ -29,6 +29,7 @@ import attrs
 
 from prefork import _frames, _logging, _scoreboard
 from prefork._call import Caller, resolve_method
+from prefork._memory import boot_rss, rss_bytes
 from prefork._proctitle import TaskTitle, set_title
 from prefork._result_buffer import ResultBuffer
 from prefork._takeback import Claim
@@ -166,7 +167,7 @@ class WorkerHandle:
         if not self.leaving and self._budget and self.requests >= self._budget:
             self.leaving = f"max_tasks_per_child reached ({self.requests} requests)"
         if not self.leaving and self._ctx.max_rss_mb and self._rss_base:
-            rss = _rss_bytes()
+            rss = rss_bytes()
             self._rss_base = min(self._rss_base, rss)  # inherited memory it freed hides no growth
             grown = (rss - self._rss_base) / 2**20
             if grown > self._ctx.max_rss_mb:
@@ -227,18 +228,6 @@ def read_stack(pid: int, fd: int) -> str:
             return f.read(1 << 20).decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _rss_bytes() -> int:
-    """The worker's own resident memory: anonymous pages (statm's resident less shared).
-    File-backed pages it inherited from a large parent are left out: the kernel may
-    reclaim them at any time, which made the growth since boot look smaller than it was."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            fields = f.read().split()
-        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class ForkedChild(BaseException):
@@ -375,7 +364,7 @@ def prepare(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) ->
         ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
         return leave(ctx, info, "the supervisor closed the channel during boot")
     if ctx.max_rss_mb:
-        handle._rss_base = _rss_bytes()
+        handle._rss_base = boot_rss()
     return handle
 
 
@@ -434,7 +423,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
     title = TaskTitle(ctx.title)
     caller.on_call = title.busy
     rss_limit = ctx.max_rss_mb * 2**20
-    rss_base = _rss_bytes() if rss_limit else 0  # read after each batch, only when a limit is set
+    rss_base = rss_bytes() if rss_limit else 0  # prepare() handed back the free heap; read after each batch
     asked = False
     words = ctx.scoreboard.words
     base = info.slot * _scoreboard.WORDS
@@ -480,7 +469,7 @@ def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> s
             flush()
         title.idle()
         if rss_limit and not asked:
-            rss = _rss_bytes()
+            rss = rss_bytes()
             rss_base = min(rss_base, rss)  # growth counts from the lowest point: freed inherited memory hides none
             grown = rss - rss_base
             if grown > rss_limit:

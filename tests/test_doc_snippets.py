@@ -397,6 +397,82 @@ def test_a_named_test_that_is_not_collected_or_does_not_name_the_page_is_reporte
     ]
 
 
+PROSE_TEST = re.compile(r"`((?:plugins/[\w-]+/)?tests/[\w/]+\.py|test_\w+\.py)?(::\w+(?:::\w+)?)?(?:\[[^`]*\])?`")
+
+
+def module_named(name: str) -> str:
+    """A module named in prose: its path, or for a bare ``test_x.py`` the one file of that name
+    in the repository's tests (left as it is when there is none, or several)."""
+    if "/" in name:
+        return name
+    found = [p for p in ROOT.glob(f"**/tests/**/{name}") if ".nox" not in p.parts and "site-packages" not in p.parts]
+    return found[0].relative_to(ROOT).as_posix() if len(found) == 1 else name
+
+
+def named_in_prose(text: str, page: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The tests a page's prose names in backticks (``tests/x.py::test_y``; a bare
+    ``::test_z`` after it, on the same line, is in the same module, and elsewhere in the
+    module the page names in "Test names starting with `::` are in `tests/...`"), and the
+    references that name no module."""
+    named, problems = [], []
+    default = re.search(r"Test names starting with `::` are in `(tests/[\w/]+\.py)`", text)
+    for number, line in enumerate(text.splitlines(), 1):
+        module = default.group(1) if default else ""
+        for match in PROSE_TEST.finditer(line):
+            module = module_named(match.group(1)) if match.group(1) else module
+            if match.group(2) is None:
+                if match.group(1) and "/" in module:  # a bare test_x.py we do not have is the reader's file
+                    named.append((f"{page}:{number}", module))
+            elif not module:
+                problems.append(f"{page}:{number}: `{match.group(2)}` follows no tests/ module on its line")
+            else:
+                named.append((f"{page}:{number}", module + match.group(2)))
+    return named, problems
+
+
+def misnamed(named: list[tuple[str, str]]) -> list[str]:
+    """The named tests pytest does not collect, and the named modules that do not exist."""
+    modules = {test.partition("::")[0] for _, test in named if (ROOT / test.partition("::")[0]).is_file()}
+    trees: dict[str, set[str]] = {}  # each plugin's tests apart: their conftest.py would clash with ours
+    for m in modules:
+        if Path(m).name.startswith("test_"):
+            trees.setdefault(m.split("/tests/")[0] if m.startswith("plugins/") else "", set()).add(m)
+    found = set().union(*(collected(group) for group in trees.values()))
+    problems = []
+    for where, test in named:
+        module, _, name = test.partition("::")
+        if not (ROOT / module).is_file():
+            problems.append(f"{where}: {module} does not exist")
+        elif name and test not in found:
+            problems.append(f"{where}: {test} is not a test pytest collects")
+    return problems
+
+
+def test_the_tests_the_prose_names_exist() -> None:
+    """docs/reliability.md's table and the other pages name the tests behind each promise:
+    a test renamed or moved leaves a promise pointing at nothing."""
+    named, problems = [], []
+    for path in pages():
+        page = str(path.relative_to(ROOT))
+        found, wrong = named_in_prose(path.read_text(encoding="utf-8"), page)
+        named += found
+        problems += wrong
+    assert len(named) >= 40
+    problems += misnamed(named)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_test_named_in_prose_under_the_wrong_module_is_reported() -> None:
+    here = "tests/test_doc_snippets.py"
+    text = (f"| row | `{here}::test_the_collector_reads_marks`, `::test_no_such_test` |\n"
+            "| next | `::test_the_collector_reads_marks` and `tests/no_such_module.py` |\n")
+    named, problems = named_in_prose(text, "page.md")
+    assert problems == ["page.md:2: `::test_the_collector_reads_marks` follows no tests/ module on its line"]
+    assert named_in_prose(f"Test names starting with `::` are in `{here}`.\n\n{text}", "page.md")[1] == []
+    assert misnamed(named) == [f"page.md:1: {here}::test_no_such_test is not a test pytest collects",
+                               "page.md:2: tests/no_such_module.py does not exist"]
+
+
 # -- the collector itself ----------------------------------------------------------------------------------------------
 
 SAMPLE = """\

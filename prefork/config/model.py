@@ -106,7 +106,8 @@ class PoolConfig:
     max_rss_mb: float = attrs.field(
         default=0.0, converter=as_float, validator=seconds(0),
         metadata=doc("recycle a worker whose own memory (anonymous resident pages) grew by more than this many MiB since it booted "
-                      "(counted from the lowest it has been since, so that inherited memory it frees hides no growth): a task "
+                      "(counted from the lowest it has been since, so that inherited memory it frees hides no growth; heap its "
+                      "parent freed is handed back at boot, so reusing it counts too): a task "
                       "worker finishes the tasks it holds first, a self-feeding one leaves at its next idle() (0: no limit)"),
     )
     max_worker_age: float = attrs.field(

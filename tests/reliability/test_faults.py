@@ -501,6 +501,41 @@ def test_a_task_worker_whose_memory_grows_is_recycled_without_losing_tasks() -> 
     assert len(set(pids)) == len(runs)  # a recycled worker never comes back
 
 
+HEAP_FREED_BY_THE_PARENT = textwrap.dedent("""
+    import itertools, os, sys
+    from prefork import Executor
+
+    GROWTH = []
+
+    def grow(mib):
+        GROWTH.append(b"x" * (mib * 2**20))
+        return os.getpid()
+
+    if __name__ == "__main__":
+        # What a process that ran large payloads leaves: its allocator's mmap threshold raised
+        # past 25 MiB, and 60 MiB of freed heap below a block still held (so never trimmed).
+        big = b"y" * (30 * 2**20)
+        del big
+        blocks = [b"z" * 2**20 for _ in range(60)]
+        held = b"h" * (3 * 2**20)
+        del blocks
+        with Executor(1, overrides={"pool.max_rss_mb": 30}) as ex:
+            pids = [ex.submit(grow, 25).result(timeout=10) for _ in range(6)]
+        print([len(list(g)) for _, g in itertools.groupby(pids)])
+""")
+
+
+def test_a_worker_reusing_heap_its_parent_freed_still_counts_that_growth(tmp_path: Path) -> None:
+    """The worker's 25 MiB allocations fit in the heap its parent freed, which was resident
+    already: without handing that back at boot, two tasks showed no growth at all."""
+    script = tmp_path / "heap.py"
+    script.write_text(HEAP_FREED_BY_THE_PARENT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout)
+    assert len(runs) >= 2 and all(n in (2, 3) for n in runs[:-1]) and sum(runs) == 6, runs
+
+
 INHERITED: list[bytes] = []
 
 
