@@ -127,6 +127,13 @@ def app(environ, start_response):
         return reply(start_response, b"x", headers=[("Transfer-Encoding", "gzip")])
     if path == "/injected-header":  # a value with CR LF: it must not become a header of its own
         return reply(start_response, b"x", headers=[("X-Name", "a\r\nSet-Cookie: stolen=1")])
+    if path.startswith("/length-"):  # a Content-Length the body does not keep: too much, or too little
+        start_response("200 OK", [("Content-Length", "10")])
+        return Closing([b"0123456789abc" if path == "/length-much" else b"012"], "closed-" + path[1:])
+    if path == "/no-content":  # 204 and 304 have no body, whatever the app declares
+        code = environ["QUERY_STRING"] or "204"
+        start_response(code + " X", [("X-Code", code)] + ([("Content-Length", "7")] if code == "304" else []))
+        return [b"not allowed"] if environ.get("HTTP_X_BODY") else iter([b""])
     if path == "/file":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return environ["wsgi.file_wrapper"](open(__file__, "rb"))
@@ -576,6 +583,56 @@ def test_a_generator_is_closed_after_its_response_and_when_its_client_went_away(
         assert sock.recv(12) == b"HTTP/1.1 200"
     wait_until(lambda: (server.dir / "closed-gone").exists(), what="close() of the body whose client went away")
     assert not [r for r in server.errors() if "/generator" in r["message"]]
+
+
+def test_a_body_longer_than_its_content_length_never_reaches_the_client(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /length-much HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = until_closed(sock)
+    assert b"abc" not in answer and b"0123456789" not in answer  # no byte past the length, nor a bogus 200
+    record = _one_error(server, "/length-much")
+    assert "the response had begun: the connection is closed" in record["message"]
+    assert "Content-Length" in record["exc_info"]
+    wait_until(lambda: (server.dir / "closed-length-much").exists(), what="close() of the body")
+
+
+def test_a_body_shorter_than_its_content_length_closes_the_connection_and_is_logged(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /length-little HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = until_closed(sock)  # the client sees 3 of 10 bytes, then the end: a body cut short
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"content-length: 10" in head.lower() and body == b"012"
+    assert "Content-Length" in _one_error(server, "/length-little")["exc_info"]
+
+
+@pytest.mark.parametrize("code", ["204", "304"])
+def test_204_and_304_carry_no_body_and_keep_the_connection(server: Server, code: str) -> None:
+    with server.connect() as sock:
+        request = f"GET /no-content?{code} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for _ in range(2):  # the second answer on the same connection: no stray bytes between them
+            status, headers, body = raw(sock, request)
+            assert (status, headers["x-code"], body) == (int(code), code, b"")
+            assert "transfer-encoding" not in headers and "connection" not in headers
+        assert headers.get("content-length") == ("7" if code == "304" else None)
+
+
+def test_a_body_given_with_204_is_the_apps_error(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /no-content HTTP/1.1\r\nHost: x\r\nX-Body: 1\r\n\r\n")
+        answer = until_closed(sock)
+    assert b"not allowed" not in answer
+    assert "the response had begun: the connection is closed" in _one_error(server, "/no-content")["message"]
+
+
+def test_an_http_1_0_client_gets_a_body_of_unknown_length_delimited_by_the_close(server: Server) -> None:
+    with server.connect() as sock:
+        sock.sendall(b"GET /generator?old HTTP/1.0\r\n\r\n")
+        answer = until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
+    assert body == b"0" * 65536 + b"1" * 65536
+    wait_until(lambda: (server.dir / "closed-old").exists(), what="close() of the body")
 
 
 def test_write_and_a_returned_list_make_one_body(server: Server) -> None:
