@@ -7,7 +7,7 @@
         (400/408/413/431 answered, then closed)     max_body as declared
       busy() ─► app(environ, start_response)
         wsgi.input ◄─ h11 Data ◄─ recv            read_timeout a wait, max_body as it streams, 100 Continue
-        start_response/write/body ─► h11 ─► send  the head with the first block; chunked without a length
+        start_response/write/body ─► send         framed here: the head with the first block; a length, chunks or the close
       the body's close(), the unread body drained, idle(): where a child leaves (SIGTERM, budget, memory)
       keep-alive: idle(keepalive=True), the scoreboard's KEEPALIVE (no spare) until the next request's
         busy(), within keepalive_timeout (a SIGTERM ends the wait); the connection's end: idle again
@@ -88,6 +88,10 @@ class _Conn:
         self.received = 0  #: body bytes read of this request
         self.others_wait: Callable[[], bool] = _nobody  #: do connections wait for a child? (then no keep-alive)
         self.client_closes = False  #: the request said Connection: close (or is HTTP/1.0): it is the last
+        self.http11 = True  #: the request is HTTP/1.1 (a body of unknown length can be chunked)
+        self.continued = False  #: 100 Continue went out for this request
+        self.responding = False  #: this request's response has begun: no refusal can replace it
+        self.answered = False  #: this request's response went out whole, without Connection: close
         if here is None:  # the listener's address, when it is one address (else this connection's)
             here = sock.getsockname() if sock.family in (socket.AF_INET, socket.AF_INET6) else ("localhost", 0)
         peer = addr if isinstance(addr, tuple) else ("", 0)
@@ -121,6 +125,7 @@ class _Conn:
         pending = len(self.h11.trailing_data[0])  # pipelined bytes already read
         fed = 0
         self.method = ""
+        self.continued = self.responding = self.answered = False
         request = None
         try:
             while not isinstance(event := self.h11.next_event(), h11.Request):
@@ -152,7 +157,8 @@ class _Conn:
         """A request head's limits: None, or the status and reason to refuse it with."""
         cfg = self.cfg
         self.received, self.declared = 0, 0
-        self.client_closes = request.http_version != b"1.1"
+        self.http11 = request.http_version == b"1.1"
+        self.client_closes = not self.http11
         if head > cfg.max_header_bytes:
             return 431, f"request line and headers of {head} bytes, over mpm.max_header_bytes = {cfg.max_header_bytes}"
         if len(request.headers) > cfg.max_headers:
@@ -177,8 +183,9 @@ class _Conn:
         try:
             if self.problem is not None:
                 raise self.problem
-            if h.they_are_waiting_for_100_continue:
-                self.send(h.send(h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])))
+            if h.they_are_waiting_for_100_continue and not self.continued:
+                self.continued = True
+                self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             while not isinstance(event := h.next_event(), h11.Data) or not event.data:
                 if event is h11.NEED_DATA:
                     self._recv(self.timeout)
@@ -209,42 +216,50 @@ class _Conn:
                     if not _ready(sock, select.POLLOUT, self.timeout):
                         raise TimeoutError(f"the client took nothing within {self.timeout} s") from None
         except OSError as exc:
-            self.h11.send_failed()
+            self.answered = False
             self.problem = self.problem or RequestError(
                 408 if isinstance(exc, TimeoutError) else 0, f"the client did not take the response: {exc!r}")
             raise
 
     def refuse(self, status: int, reason: str) -> None:
-        """Answer ``status``, ``reason`` as a text body, and ``Connection: close`` if h11 still may."""
+        """Answer ``status``, ``reason`` as a text body, and ``Connection: close``, unless a
+        response has begun (then the connection's close is all the client learns)."""
         self.linger = True
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.responding:
             return
+        self.responding = True
         phrase = HTTPStatus(status).phrase
         body = f"{status} {phrase}: {reason}\n".encode()
+        head = (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % (status, phrase.encode(), len(body)))
         try:
-            out = self.h11.send(h11.Response(status_code=status, reason=phrase, headers=[
-                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-                ("Connection", "close")]))
-            self.send(out + (b"" if self.method == "HEAD" else self.h11.send(h11.Data(data=body)))
-                      + self.h11.send(h11.EndOfMessage()))
-        except (OSError, h11.LocalProtocolError):
+            self.send(head + (b"" if self.method == "HEAD" else body))
+        except OSError:
             pass
 
     def keeps_alive(self) -> bool:
-        """After a response: drop the unread body (up to _DRAIN bytes), start the next cycle; False: close."""
+        """After a response: drop the unread body (up to _DRAIN bytes), start the next cycle; False: close.
+
+        h11 reads the requests only (prefork frames its responses): each request gets an h11
+        connection of its own, given the bytes already read past the last one (pipelined)."""
         h = self.h11
         dropped = 0
         try:
-            while h.our_state is h11.DONE and h.their_state is h11.SEND_BODY and self.problem is None:
+            while self.answered and h.their_state is h11.SEND_BODY and self.problem is None:
                 event = h.next_event()
                 if event is h11.NEED_DATA and (dropped > _DRAIN or not self._recv(self.timeout)):
                     return False
                 dropped += len(event.data) if isinstance(event, h11.Data) else 0
         except (h11.RemoteProtocolError, OSError):
             return False
-        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        if not self.answered or h.their_state is not h11.DONE:
             return False
-        h.start_next_cycle()
+        data, closed = h.trailing_data
+        self.h11 = h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.cfg.max_header_bytes)
+        if data:
+            h.receive_data(data)
+        if closed:
+            h.receive_data(b"")
         return True
 
     def close(self) -> None:
@@ -298,14 +313,18 @@ class _Conn:
 
 
 class _Response:
-    """``start_response``, ``write()`` and the body: the head goes to h11 with the first block."""
+    """``start_response``, ``write()`` and the body, framed here: the head goes with the first
+    block; a Content-Length kept, or chunks, or (HTTP/1.0) the connection's close ends the body."""
 
     def __init__(self, conn: _Conn, me: WorkerHandle | None) -> None:
         self.conn, self.me = conn, me
         self.head: Head | None = None  #: from start_response; replaceable until started
-        self.length = b""  #: the Content-Length the server worked out (a list body), if any
-        self.started = False  #: h11 has the head: no other status can follow
-        self.out = bytearray()  #: what h11 made, not sent yet
+        self.length: int | None = None  #: the Content-Length the server worked out (a list body), if any
+        self.started = False  #: the head is made: no other status can follow
+        self.out = bytearray()  #: what is made, not sent yet
+        self.left: int | None = None  #: body bytes the Content-Length still asks for (None: no length)
+        self.chunked = False  #: each block goes as a chunk; a last chunk ends the body
+        self.closes = False  #: the head says Connection: close
 
     def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., None]:
         if exc_info is not None:
@@ -326,15 +345,28 @@ class _Response:
             raise RuntimeError("the WSGI app gave its body (or returned) before calling start_response")
         conn, head, h = self.conn, self.head, self.conn.h11
         unread = h.their_state is h11.SEND_BODY and (
-            h.they_are_waiting_for_100_continue or conn.declared is None or conn.declared - conn.received > _DRAIN)
-        extra = [(b"content-length", self.length)] if self.length else []
-        if (unread or (self.me is not None and self.me.leaving) or conn.cfg.keepalive_timeout == 0
-                or (not conn.client_closes and conn.others_wait())):  # (h11 says close to one that closes)
+            (h.they_are_waiting_for_100_continue and not conn.continued)
+            or conn.declared is None or conn.declared - conn.received > _DRAIN)
+        extra = b""
+        if head.status_code in (204, 304):  # no body, whatever the fields say (RFC 9110)
+            self.left = 0
+        elif head.length is not None:
+            self.left = head.length
+        elif self.length is not None:
+            self.left = self.length
+            extra = b"Content-Length: %d\r\n" % self.length
+        elif conn.http11:
+            self.chunked = True
+            extra = b"Transfer-Encoding: chunked\r\n"
+        else:
+            self.closes = True  # an HTTP/1.0 client learns the body's end from the close
+        if (self.closes or unread or conn.client_closes or (self.me is not None and self.me.leaving)
+                or conn.cfg.keepalive_timeout == 0 or conn.others_wait()):
             # a kept connection would hold this child while new clients queue
-            extra.append((b"connection", b"close"))
-        response = head.response(*extra)  # h11 checks the fields here: a bad one is the app's error (500)
-        self.started = True
-        self.out += conn.h11.send(response)
+            self.closes = True
+            extra += b"Connection: close\r\n"
+        self.started = conn.responding = True
+        self.out += head.encode(extra)
 
     def write(self, data: bytes) -> None:
         if type(data) is not bytes:
@@ -342,21 +374,36 @@ class _Response:
         if data:  # the head waits for the first non-empty block: an exc_info may still replace it
             self._start()
             if self.conn.method != "HEAD":
-                self.out += self.conn.h11.send(h11.Data(data=data))
+                if self.left is not None:
+                    if len(data) > self.left:
+                        raise ValueError(self._too_much(len(data)))
+                    self.left -= len(data)
+                self.out += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
             self.flush()
+
+    def _too_much(self, size: int) -> str:
+        code = self.head.status_code if self.head is not None else 0
+        if code in (204, 304):
+            return f"a {code} response has no body, and the WSGI app gave {size} bytes"
+        return f"the WSGI app gave more body than its Content-Length: {self.left} bytes were left, {size} came"
 
     def flush(self, end: bool = False) -> None:
         if end:
             self._start()
-            self.out += self.conn.h11.send(h11.EndOfMessage())
+            if self.left and self.conn.method != "HEAD":
+                raise ValueError(f"the WSGI app's body ended {self.left} bytes short of its Content-Length")
+            if self.chunked and self.conn.method != "HEAD":
+                self.out += b"0\r\n\r\n"
         out, self.out = self.out, bytearray()
         self.conn.send(out)
+        if end:
+            self.conn.answered = not self.closes
 
     def finish(self, result: Iterable[bytes]) -> None:
         """Send the app's body, then the end of the message."""
         head = self.head
-        if isinstance(result, (list, tuple)) and head and not head.has_length and all(type(b) is bytes for b in result):
-            self.length = b"%d" % sum(map(len, result))
+        if isinstance(result, (list, tuple)) and head and head.length is None and all(type(b) is bytes for b in result):
+            self.length = sum(map(len, result))
         for block in result:
             self.write(block)
         self.flush(end=True)
@@ -437,9 +484,7 @@ class WSGIHandler:
         answer = "the response had begun: the connection is closed" if response.started else "answered 500"
         log.error("worker %d: the WSGI app raised on %s %s from %s; %s", os.getpid(), method, path, conn.client,
                   answer, exc_info=exc, extra={"method": method, "path": path})
-        if response.started:
-            conn.h11.send_failed()  # what went out is not a whole response: no keep-alive
-        else:
+        if not response.started:
             conn.refuse(500, "the application failed (its traceback is in the server's log)")
 
     def _wait(self, conn: _Conn, me: WorkerHandle | None) -> bool:

@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any, Final, NamedTuple, Protocol
-
-import h11
 
 __all__ = ["FileWrapper", "Head", "Input", "response_head"]
 
@@ -75,30 +74,60 @@ class Input:
 
 
 class Head(NamedTuple):
-    """A ``start_response`` call, checked: made into one ``h11.Response`` when it is sent,
-    with the server's own fields added (h11 checks every field each time one is made)."""
+    """A ``start_response`` call, checked once: the status line and the app's fields as bytes,
+    ready to be sent with the server's own fields (``encode``)."""
 
     status_code: int
-    reason: bytes
-    fields: list[tuple[bytes, bytes]]
-    has_length: bool  #: the app set Content-Length
+    line: bytes  #: b"HTTP/1.1 200 OK\r\n"
+    fields: bytes  #: the app's header lines, each ending in CRLF
+    length: int | None  #: the app's Content-Length, if it set one
 
-    def response(self, *extra: tuple[bytes, bytes]) -> h11.Response:
-        return h11.Response(status_code=self.status_code, reason=self.reason, headers=[*self.fields, *extra])
+    def encode(self, extra: bytes = b"") -> bytes:
+        """The whole head: status line, the app's fields, ``extra`` (lines ending in CRLF), CRLF."""
+        return b"".join((self.line, self.fields, extra, b"\r\n"))
+
+
+#: a field name is a token (RFC 9110, 5.6.2)
+_TOKEN: Final = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+#: a field value: visible characters and obs-text, spaces and tabs only between them (RFC 9110, 5.5)
+_VALUE: Final = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?")
+#: a reason phrase: tabs, spaces, visible characters, obs-text (RFC 9112, 4)
+_REASON: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
 
 def response_head(status: str, headers: list[tuple[str, str]]) -> Head:
-    """A ``start_response`` call's head; TypeError or ValueError naming what is wrong."""
+    """A ``start_response`` call's head; TypeError or ValueError naming what is wrong.  What
+    could split the head (CR, LF, NUL, anything not allowed in a field) is refused here."""
     if not isinstance(status, str) or len(status) < 3 or not status[:3].isdigit() or status[3:4] not in ("", " "):
         raise ValueError(f"start_response: status {status!r} is not of the form '200 OK'")
-    fields = []
-    has_length = False
+    code = int(status[:3])
+    if code < 200:
+        raise ValueError(f"start_response: status {status!r} is not a final status (200 to 999)")
+    try:
+        reason = status[4:].encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"start_response: status {status!r} is not latin-1") from None
+    if not _REASON.fullmatch(reason):
+        raise ValueError(f"start_response: status {status!r} has a character a status line may not hold")
+    lines = []
+    length = None
     for item in headers:
         if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) for s in item)):
             raise TypeError(f"start_response: header {item!r} is not a (str, str) tuple")
-        name = item[0].lower().encode("latin-1")
-        if name in _HOP:
+        try:
+            name, value = item[0].encode("latin-1"), item[1].encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"start_response: header {item!r} is not latin-1") from None
+        lower = name.lower()
+        if lower in _HOP:
             raise ValueError(f"start_response: {item[0]!r} is a hop-by-hop header: the server sets it, not the app")
-        has_length = has_length or name == b"content-length"
-        fields.append((item[0].encode("latin-1"), item[1].encode("latin-1")))
-    return Head(int(status[:3]), status[4:].encode("latin-1"), fields, has_length)
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"start_response: header name {item[0]!r} is not a token (RFC 9110)")
+        if not _VALUE.fullmatch(value):
+            raise ValueError(f"start_response: header {item[0]!r} has a value a field may not hold: {item[1]!r}")
+        if lower == b"content-length":
+            if not value.isdigit() or (length is not None and int(value) != length):
+                raise ValueError(f"start_response: Content-Length {item[1]!r} is not one number of bytes")
+            length = int(value)
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return Head(code, b"HTTP/1.1 %d %s\r\n" % (code, reason), b"".join(lines), length)
