@@ -134,6 +134,8 @@ def app(environ, start_response):
         code = environ["QUERY_STRING"] or "204"
         start_response(code + " X", [("X-Code", code)] + ([("Content-Length", "7")] if code == "304" else []))
         return [b"not allowed"] if environ.get("HTTP_X_BODY") else iter([b""])
+    if path == "/bad-name":  # a name with a colon and a space: it must not become a header of its own
+        return reply(start_response, b"x", headers=[("Set-Cookie: stolen=1\r\nX", "v")])
     if path == "/file":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return environ["wsgi.file_wrapper"](open(__file__, "rb"))
@@ -676,6 +678,7 @@ def _one_error(srv: Server, path: str) -> dict[str, Any]:
                                               ("/boom-gen", "RuntimeError: boom in a generator"),
                                               ("/bad-header", "'Transfer-Encoding' is a hop-by-hop header"),
                                               ("/injected-header", "ValueError: start_response: header 'X-Name' has a value a field may not hold"),
+                                              ("/bad-name", "ValueError: start_response: header name "),
                                               ("/str", "TypeError: the WSGI app gave str as body, not bytes")])
 def test_an_app_that_raises_before_its_headers_are_sent_gets_a_500_and_one_log_record(
         server: Server, path: str, error: str) -> None:
