@@ -435,7 +435,10 @@ class WSGIHandler:
         conn.others_wait = self._waiting
         try:
             while (request := conn.read_head(time.monotonic() + self.cfg.header_timeout)) is not None:
-                if not self._serve(conn, request, me) or not self._wait(conn, me):
+                if not self._serve(conn, request, me):
+                    break
+                os.sched_yield()  # between two requests, as between two connections: see serve.py
+                if not self._wait(conn, me):
                     break
         finally:
             conn.close()

@@ -847,7 +847,8 @@ def test_done_waits_for_a_hung_data_hook_process_only_a_bounded_time(tmp_path: P
             data_hook_in_main=False, overrides={**FAST, "pool.graceful_timeout": 0.3, "pool.kill_grace": 0.3})
     try:
         end = time.monotonic() + 10
-        while not started.exists() and time.monotonic() < end:
+        # the file exists before its pid is written in it: wait for the pid
+        while not (started.exists() and started.read_text()) and time.monotonic() < end:
             m.whip_kids(yell_and_leave, (), timeout=0.1)  # the loop runs in whip_kids: it forwards the data
         hook_pid = int(started.read_text())
     except BaseException:
