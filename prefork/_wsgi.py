@@ -360,7 +360,9 @@ class _Response:
             extra = b"Transfer-Encoding: chunked\r\n"
         else:
             self.closes = True  # an HTTP/1.0 client learns the body's end from the close
-        if (self.closes or unread or conn.client_closes or (self.me is not None and self.me.leaving)
+        if head.closes:  # the app said so itself
+            self.closes = True
+        elif (self.closes or unread or conn.client_closes or (self.me is not None and self.me.leaving)
                 or conn.cfg.keepalive_timeout == 0 or conn.others_wait()):
             # a kept connection would hold this child while new clients queue
             self.closes = True

@@ -81,6 +81,7 @@ class Head(NamedTuple):
     line: bytes  #: b"HTTP/1.1 200 OK\r\n"
     fields: bytes  #: the app's header lines, each ending in CRLF
     length: int | None  #: the app's Content-Length, if it set one
+    closes: bool  #: the app said Connection: close: the connection ends with this response
 
     def encode(self, extra: bytes = b"") -> bytes:
         """The whole head: status line, the app's fields, ``extra`` (lines ending in CRLF), CRLF."""
@@ -111,6 +112,7 @@ def response_head(status: str, headers: list[tuple[str, str]]) -> Head:
         raise ValueError(f"start_response: status {status!r} has a character a status line may not hold")
     lines = []
     length = None
+    closes = False
     for item in headers:
         if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(s, str) for s in item)):
             raise TypeError(f"start_response: header {item!r} is not a (str, str) tuple")
@@ -129,5 +131,7 @@ def response_head(status: str, headers: list[tuple[str, str]]) -> Head:
             if not value.isdigit() or (length is not None and int(value) != length):
                 raise ValueError(f"start_response: Content-Length {item[1]!r} is not one number of bytes")
             length = int(value)
+        elif lower == b"connection":
+            closes = closes or any(token.strip() == b"close" for token in value.lower().split(b","))
         lines.append(b"%s: %s\r\n" % (name, value))
-    return Head(code, b"HTTP/1.1 %d %s\r\n" % (code, reason), b"".join(lines), length)
+    return Head(code, b"HTTP/1.1 %d %s\r\n" % (code, reason), b"".join(lines), length, closes)

@@ -986,19 +986,20 @@ _FIELDS = st.lists(st.tuples(st.sampled_from(["X-A", "x-b", "Content-Type", "Set
 @given(method=st.sampled_from(["GET", "HEAD"]), version=st.sampled_from(["1.0", "1.1"]),
        code=st.sampled_from([200, 201, 204, 304, 404, 503]), reason=_REASONS, fields=_FIELDS,
        blocks=st.lists(st.binary(max_size=300) | st.integers(10, 70_000).map(lambda n: b"b" * n), max_size=4),
-       as_list=st.booleans(), declare=st.booleans())
+       as_list=st.booleans(), declare=st.booleans(), app_closes=st.booleans())
 @example(method="GET", version="1.1", code=200, reason="OK", fields=[], blocks=[b"a" * 20, b"", b"b" * 300],
-         as_list=False, declare=False)  # chunks, one of them empty: sizes that read alike in decimal do not hide
+         as_list=False, declare=False, app_closes=False)  # chunks, one of them empty: sizes that read alike in decimal do not hide
 def test_every_response_the_server_frames_parses_back_as_the_app_gave_it(
         method: str, version: str, code: int, reason: str, fields: list[tuple[str, str]], blocks: list[bytes],
-        as_list: bool, declare: bool) -> None:
+        as_list: bool, declare: bool, app_closes: bool) -> None:
     """prefork frames its responses itself (h11 reads requests only): h11's client side,
     reading them back, sees the status, the app's fields in order and the body, whatever the
     method, version, status, body form and length; a second request follows on the same
     connection when both ends keep it."""
     if code in (204, 304):
         blocks = []
-    headers = [*fields, *([("Content-Length", str(sum(map(len, blocks))))] if declare else [])]
+    headers = [*fields, *([("Content-Length", str(sum(map(len, blocks))))] if declare else []),
+               *([("Connection", "close")] if app_closes else [])]
 
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         start_response(f"{code} {reason}".rstrip(), headers)
@@ -1030,14 +1031,25 @@ def test_every_response_the_server_frames_parses_back_as_the_app_gave_it(
                 continue
         break
     assert responses, answer
-    keeps = version == "1.1"
-    assert len(responses) == (2 if keeps else 1), answer
+    keeps = version == "1.1" and not app_closes
+    assert len(responses) == (2 if keeps else 1) and not reader.trailing_data[0], answer  # nothing after a close
     for response, body in responses:
         assert (response.status_code, response.reason) == (code, reason.encode())
         got = [(n.decode(), v.decode()) for n, v in response.headers.raw_items()]
         assert got[:len(headers)] == headers and all(n in ("Content-Length", "Transfer-Encoding", "Connection")
                                                      for n, _ in got[len(headers):]), got
         assert body == (b"" if method == "HEAD" or code in (204, 304) else b"".join(blocks))
+
+
+def test_an_app_that_says_connection_close_ends_the_connection_after_its_response() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Connection", "Close"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    with handler_thread(MPMConfig(keepalive_timeout=5), app) as client:
+        client.sendall(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = until_closed(client)  # the server closes after the first: the second is never read
+    assert answer.count(b"HTTP/1.1 200 ") == 1 and answer.lower().count(b"connection: close") == 1, answer
 
 
 def test_a_busy_keep_alive_client_cannot_starve_a_new_one(tmp_path: Path) -> None:
