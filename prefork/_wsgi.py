@@ -183,7 +183,7 @@ class _Conn:
         try:
             if self.problem is not None:
                 raise self.problem
-            if h.they_are_waiting_for_100_continue and not self.continued:
+            if h.they_are_waiting_for_100_continue and not self.continued and not self.responding:
                 self.continued = True
                 self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             while not isinstance(event := h.next_event(), h11.Data) or not event.data:

@@ -1052,6 +1052,20 @@ def test_an_app_that_says_connection_close_ends_the_connection_after_its_respons
     assert answer.count(b"HTTP/1.1 200 ") == 1 and answer.lower().count(b"connection: close") == 1, answer
 
 
+def test_no_100_continue_goes_out_once_the_response_has_begun() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        write = start_response("200 OK", [])
+        write(b"first, ")
+        return [environ["wsgi.input"].read()]
+
+    with handler_thread(MPMConfig(keepalive_timeout=0.5), app) as client:
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello")
+        client.shutdown(socket.SHUT_WR)
+        answer = until_closed(client)
+    assert b"100 Continue" not in answer and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.endswith(b"7\r\nfirst, \r\n5\r\nhello\r\n0\r\n\r\n"), answer
+
+
 def test_a_busy_keep_alive_client_cannot_starve_a_new_one(tmp_path: Path) -> None:
     """One child, one client that keeps its connection busy with request after request: a
     second client is answered anyway, because while a connection waits in the listen queue
