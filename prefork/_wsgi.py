@@ -29,7 +29,8 @@ from urllib.parse import unquote_to_bytes
 
 from prefork._listen_queue import waiting_reader
 from prefork._worker import WorkerHandle, current_worker
-from prefork._wsgi_parts import FileWrapper, Head, Input, response_head
+from prefork._wsgi_parts import FileWrapper, Input
+from prefork._wsgi_response import DRAIN, Response
 from prefork.config.model import MPMConfig
 from prefork.errors import MissingExtra
 
@@ -44,7 +45,6 @@ __all__ = ["FileWrapper", "RequestError", "WSGIHandler", "make_handler"]
 log = logging.getLogger("prefork.serve")
 
 _RECV: Final = 65536  #: bytes asked of one recv()
-_DRAIN: Final = 65536  #: most unread request body read and dropped after a response, to keep the connection
 #: seconds a closing connection reads what still comes: unread bytes make the close a reset, which can lose our answer
 _LINGER: Final = 2.0
 class RequestError(OSError):
@@ -237,8 +237,16 @@ class _Conn:
         except OSError:
             pass
 
+    def body_unread(self) -> bool:
+        """Will the request's body be left unread past what keep-alive drains (``DRAIN``)?
+        (Then the response says Connection: close.)"""
+        h = self.h11
+        return h.their_state is h11.SEND_BODY and (
+            (h.they_are_waiting_for_100_continue and not self.continued)
+            or self.declared is None or self.declared - self.received > DRAIN)
+
     def keeps_alive(self) -> bool:
-        """After a response: drop the unread body (up to _DRAIN bytes), start the next cycle; False: close.
+        """After a response: drop the unread body (up to DRAIN bytes), start the next cycle; False: close.
 
         h11 reads the requests only (prefork frames its responses): each request gets an h11
         connection of its own, given the bytes already read past the last one (pipelined)."""
@@ -247,7 +255,7 @@ class _Conn:
         try:
             while self.answered and h.their_state is h11.SEND_BODY and self.problem is None:
                 event = h.next_event()
-                if event is h11.NEED_DATA and (dropped > _DRAIN or not self._recv(self.timeout)):
+                if event is h11.NEED_DATA and (dropped > DRAIN or not self._recv(self.timeout)):
                     return False
                 dropped += len(event.data) if isinstance(event, h11.Data) else 0
         except (h11.RemoteProtocolError, OSError):
@@ -312,105 +320,6 @@ class _Conn:
         return env
 
 
-class _Response:
-    """``start_response``, ``write()`` and the body, framed here: the head goes with the first
-    block; a Content-Length kept, or chunks, or (HTTP/1.0) the connection's close ends the body."""
-
-    def __init__(self, conn: _Conn, me: WorkerHandle | None) -> None:
-        self.conn, self.me = conn, me
-        self.head: Head | None = None  #: from start_response; replaceable until started
-        self.length: int | None = None  #: the Content-Length the server worked out (a list body), if any
-        self.started = False  #: the head is made: no other status can follow
-        self.out = bytearray()  #: what is made, not sent yet
-        self.left: int | None = None  #: body bytes the Content-Length still asks for (None: no length)
-        self.chunked = False  #: each block goes as a chunk; a last chunk ends the body
-        self.closes = False  #: the head says Connection: close
-
-    def start_response(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., None]:
-        if exc_info is not None:
-            try:
-                if self.started:
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif self.head is not None:
-            raise RuntimeError("start_response called a second time without exc_info (PEP 3333)")
-        self.head = response_head(status, headers)
-        return self.write
-
-    def _start(self) -> None:
-        if self.started:
-            return
-        if self.head is None:
-            raise RuntimeError("the WSGI app gave its body (or returned) before calling start_response")
-        conn, head, h = self.conn, self.head, self.conn.h11
-        unread = h.their_state is h11.SEND_BODY and (
-            (h.they_are_waiting_for_100_continue and not conn.continued)
-            or conn.declared is None or conn.declared - conn.received > _DRAIN)
-        extra = b""
-        if head.status_code in (204, 304):  # no body, whatever the fields say (RFC 9110)
-            self.left = 0
-        elif head.length is not None:
-            self.left = head.length
-        elif self.length is not None:
-            self.left = self.length
-            extra = b"Content-Length: %d\r\n" % self.length
-        elif conn.http11:
-            self.chunked = True
-            extra = b"Transfer-Encoding: chunked\r\n"
-        else:
-            self.closes = True  # an HTTP/1.0 client learns the body's end from the close
-        if head.closes:  # the app said so itself
-            self.closes = True
-        elif (self.closes or unread or conn.client_closes or (self.me is not None and self.me.leaving)
-                or conn.cfg.keepalive_timeout == 0 or conn.others_wait()):
-            # a kept connection would hold this child while new clients queue
-            self.closes = True
-            extra += b"Connection: close\r\n"
-        self.started = conn.responding = True
-        self.out += head.encode(extra)
-
-    def write(self, data: bytes) -> None:
-        if type(data) is not bytes:
-            raise TypeError(f"the WSGI app gave {type(data).__name__} as body, not bytes")
-        if data:  # the head waits for the first non-empty block: an exc_info may still replace it
-            self._start()
-            if self.conn.method != "HEAD":
-                if self.left is not None:
-                    if len(data) > self.left:
-                        raise ValueError(self._too_much(len(data)))
-                    self.left -= len(data)
-                self.out += b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
-            self.flush()
-
-    def _too_much(self, size: int) -> str:
-        code = self.head.status_code if self.head is not None else 0
-        if code in (204, 304):
-            return f"a {code} response has no body, and the WSGI app gave {size} bytes"
-        return f"the WSGI app gave more body than its Content-Length: {self.left} bytes were left, {size} came"
-
-    def flush(self, end: bool = False) -> None:
-        if end:
-            self._start()
-            if self.left and self.conn.method != "HEAD":
-                raise ValueError(f"the WSGI app's body ended {self.left} bytes short of its Content-Length")
-            if self.chunked and self.conn.method != "HEAD":
-                self.out += b"0\r\n\r\n"
-        out, self.out = self.out, bytearray()
-        self.conn.send(out)
-        if end:
-            self.conn.answered = not self.closes
-
-    def finish(self, result: Iterable[bytes]) -> None:
-        """Send the app's body, then the end of the message."""
-        head = self.head
-        if isinstance(result, (list, tuple)) and head and head.length is None and all(type(b) is bytes for b in result):
-            self.length = sum(map(len, result))
-        for block in result:
-            self.write(block)
-        self.flush(end=True)
-
-
 class WSGIHandler:
     """``handle(conn, addr)`` for ``prefork serve``: the requests of one connection, each
     between ``busy()`` and ``idle()`` (``idle(keepalive=True)`` while the connection stays
@@ -451,7 +360,7 @@ class WSGIHandler:
         """One request, then idle() (keepalive while the connection takes another), where the
         child may leave; True: the connection takes another."""
         env = conn.environ(request)
-        response = _Response(conn, me)
+        response = Response(conn, me)
         if me is not None:
             me.busy()
         result: Any = None
@@ -478,7 +387,7 @@ class WSGIHandler:
                 raise
         return keep
 
-    def _failed(self, conn: _Conn, response: _Response, env: dict[str, Any], exc: Exception) -> None:
+    def _failed(self, conn: _Conn, response: Response, env: dict[str, Any], exc: Exception) -> None:
         method, path = env["REQUEST_METHOD"], env["PATH_INFO"]
         if (problem := conn.problem) is not None:  # a slow, broken or vanished client is no app error
             (log.warning if problem.status == 408 else log.info)(
