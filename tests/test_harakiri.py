@@ -85,11 +85,12 @@ def test_a_chain_reload_replaces_children_one_at_a_time_and_never_leaves_fewer_t
     m = MPM(start_servers=3, min_spare_servers=3, max_spare_servers=3, max_servers=4,
             overrides={"scaling.tick": 0.05, "pool.graceful_timeout": 5.0})
     try:
-        end = time.monotonic() + 10
-        while len(m.pids()) < 3 and time.monotonic() < end:
+        end = time.monotonic() + 10  # three children booted, not just forked (a slow machine boots them late)
+        m.whip_kids(idle_forever, (), timeout=0.05)
+        while m.status()["totals"]["idle"] < 3 and time.monotonic() < end:
             m.whip_kids(idle_forever, (), timeout=0.05)
         old = set(m.pids())
-        assert len(old) == 3
+        assert len(old) == 3 and m.status()["totals"]["idle"] == 3
         m.reload(chain=True)
         most_stopping = 0
         fewest_serving = 3
