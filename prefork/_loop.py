@@ -131,6 +131,8 @@ class PoolLoop(WorkerIO):
             wait = min(wait, 0.05)
         if self.busy_timeout:
             wait = min(wait, 0.1)  # busy times are looked at ten times a second
+        if self._take_retry:
+            wait = min(wait, self._take_retry)  # a take-back met a held slot lock
         return max(0.0, min(wait, 1.0))
 
     def _on_wake(self, fd: int, mask: int) -> None:

@@ -174,6 +174,7 @@ class Supervisor(PoolLoop):
         self._serials = itertools.count(1)
         self._deadlines = self.ledger.deadlines
         self._avg_task: float | None = None  # moving average of task run time (s)
+        self._take_retry = 0.0  # a take-back met a held slot lock: look again this soon (s)
         self._broken: PoolBroken | None = None
         self._closing = False
         self._stopped = False
@@ -376,7 +377,7 @@ class Supervisor(PoolLoop):
                 return False
             deadline = self._deadlines[0][0] if self._deadlines else math.inf
             self._dispatch()
-            if self.queue:
+            if self.queue or self._take_retry:
                 return False  # no room: the loop dispatches when a worker frees up
             return not self._deadlines or self._deadlines[0][0] >= deadline  # else its sleep is too long
         finally:

@@ -91,12 +91,13 @@ def take(board: _scoreboard.Scoreboard, slot: int, tid: int) -> bool | None:
         fcntl.lockf(fd, fcntl.LOCK_UN, 1, slot)
 
 
-def take_back(ledger: Ledger, board: _scoreboard.Scoreboard, free: int, holders: list[Worker]) -> int:
+def take_back(ledger: Ledger, board: _scoreboard.Scoreboard, free: int, holders: list[Worker]) -> tuple[int, bool]:
     """Give ``free`` idle workers something to do: take back, from the ``holders``
     (workers with a channel, leaving or not), the last task each holds when it was sent takeable and has not
     started, the longest-running holders first.  Each task taken goes to the front
     of the queue and gives its worker's budget (``max_tasks_per_child``) back.
-    Returns how many were taken."""
+    Returns how many were taken, and whether a slot's lock was held (``BUSY``: its
+    worker was claiming), so that the caller looks again soon."""
     words = board.words
     started = _scoreboard.STARTED
     width = _scoreboard.WORDS
@@ -108,16 +109,20 @@ def take_back(ledger: Ledger, board: _scoreboard.Scoreboard, free: int, holders:
             candidates.append((words[w.slot * width + started], w))
     candidates.sort(key=lambda c: c[0])
     taken = 0
+    busy = False
     for _, w in candidates:
         if taken >= free:
             break
         task = w.inflight[-1]
-        if take(board, w.slot, task.id):
+        answer = take(board, w.slot, task.id)
+        if answer:
             ledger.take_back(w, task)
             if w.budget > 0:
                 w.budget += 1  # it will not run this one: its budget counts tasks it runs
             taken += 1
-    return taken
+        elif answer is BUSY:
+            busy = True
+    return taken, busy and taken < free
 
 
 __all__ = ["BUSY", "Claim", "take", "take_back"]

@@ -39,6 +39,9 @@ from prefork.strategies.transport import Transport
 
 log = logging.getLogger("prefork.supervisor")
 
+_TAKE_RETRY_FIRST: Final = 0.001  #: seconds before a take-back that met a held slot lock looks again
+_TAKE_RETRY_MAX: Final = 0.1  #: the longest such wait, while the lock stays held
+
 EOF_GRACE: Final = 5.0  #: seconds a worker may live on after closing its channel
 
 
@@ -66,6 +69,7 @@ class PoolState:
     _lock: threading.Lock
     _inline: Caller | None
     _avg_task: float | None
+    _take_retry: float  #: a take-back met a held slot lock: look again within this many seconds (0: no)
     _broken: PoolBroken | None
     _closing: bool
     _stopped: bool
@@ -226,7 +230,8 @@ class WorkerIO(PoolState):
             self._finish(task, False, exc)
 
     def _dispatch(self) -> None:
-        if not self.queue and not (self.ledger.takeable and self._take_back()):
+        retry, self._take_retry = self._take_retry, 0.0
+        if not self.queue and not (self.ledger.takeable and self._take_back(retry)):
             return
         ready = self.table.ready()
         if not ready:
@@ -252,15 +257,21 @@ class WorkerIO(PoolState):
                 if w.budget == 0 and w.state != RETIRING:  # its last tasks: STOP follows them, the replacement forks now
                     self._retire(w, f"max_tasks_per_child reached ({self.max_tasks})", "max-tasks", replace=True)
 
-    def _take_back(self) -> bool:
+    def _take_back(self, retry: float = 0.0) -> bool:
         """The queue is empty and some worker holds a takeable task: if a worker is
         idle, take such a task back for it (``prefork._takeback``).  True if any was.
-        Not from a worker given its last budgeted task: it runs exactly its budget."""
+        Not from a worker given its last budgeted task: it runs exactly its budget.
+        A slot lock held by its worker (claiming, for microseconds) sets a retry: the
+        loop looks again in 1 ms, then 2, 4 ... at most 100 ms while it stays held
+        (``retry``: the last wait), instead of at its next event or tick."""
         free = sum(1 for w in self.table.ready() if not w.inflight)
         if not free:
             return False
         holders = [w for w in self.table.all() if len(w.inflight) > 1 and not w.eof and w.budget != 0]
-        return take_back(self.ledger, self.scoreboard, free, holders) > 0
+        taken, busy = take_back(self.ledger, self.scoreboard, free, holders)
+        if busy:
+            self._take_retry = min(_TAKE_RETRY_MAX, retry * 2) if retry else _TAKE_RETRY_FIRST
+        return taken > 0
 
     def _fail(self, task: Task, exc: BaseException) -> None:
         self._finish(task, False, exc)

@@ -277,6 +277,56 @@ def test_a_process_killed_holding_a_slots_lock_wedges_nothing(tmp_path: Path) ->
         assert sorted(tid for tid, _ in done) == list(range(12))
 
 
+def test_a_take_back_that_meets_a_held_slot_lock_looks_again_within_milliseconds(tmp_path: Path) -> None:
+    """A take-back that finds the slot's lock held (its worker claiming, for microseconds)
+    looks again in 1, 2, 4 ... at most 100 ms, not at the loop's next event or tick (up to
+    1 s).  Here a helper holds the lock of X's worker while the other worker runs out of
+    work: the loop keeps its sleeps short; once the lock is let go, the task held behind X
+    is taken back and runs at once, elsewhere."""
+    log, gate = tmp_path / "runs", str(tmp_path / "gate")
+    with Executor(2) as ex:
+        helper = None
+        try:
+            warm(ex)
+            x = ex.submit(run_gated, str(log), 0, gate)
+            wait_until(lambda: runs(log), timeout=10, what="X to start")
+            [(_, x_pid)] = runs(log)
+            [slot] = [w.slot for w in sup(ex).workers if w.pid == x_pid]
+            board = sup(ex).scoreboard
+            helper = subprocess.Popen(
+                [sys.executable, "-c", "import fcntl, sys, time\n"
+                 f"fcntl.lockf({board.claims}, fcntl.LOCK_EX, 1, {slot})\n"
+                 "print('locked', flush=True)\nsys.stdin.readline()\n"
+                 f"fcntl.lockf({board.claims}, fcntl.LOCK_UN, 1, {slot})\n"
+                 "print('unlocked', flush=True)\ntime.sleep(30)\n"],
+                pass_fds=[board.claims], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert helper.stdin is not None and helper.stdout is not None
+            assert helper.stdout.readline() == "locked\n"
+            shorts = [ex.submit(run, str(log), i, 0.01) for i in range(1, 5)]
+            wait_until(lambda: sum(f.done() for f in shorts) == 3, timeout=10, what="the other worker's shorts")
+            held = [f for f in shorts if not f.done()]
+            assert len(held) == 1 and any(len(w.inflight) == 2 for w in sup(ex).workers)  # behind X
+            for _ in range(3):  # while the lock is held, the loop never sleeps long
+                assert sup(ex)._next_wait(time.monotonic()) <= 0.1
+                time.sleep(0.05)
+            assert not held[0].done()
+            helper.stdin.write("go\n")
+            helper.stdin.flush()
+            assert helper.stdout.readline() == "unlocked\n"
+            t0 = time.monotonic()
+            assert held[0].result(timeout=10) in range(1, 5)
+            assert time.monotonic() - t0 < 0.5, "the take-back waited for the loop's tick"
+            assert not x.done() and all(pid != x_pid for tid, pid in runs(log) if tid)
+            Path(gate).touch()
+            assert x.result(timeout=20) == 0
+            assert sorted(tid for tid, _ in runs(log)) == list(range(5))
+        finally:
+            Path(gate).touch()
+            if helper is not None:
+                helper.kill()
+                helper.wait(timeout=10)
+
+
 def test_mixed_lengths_every_task_runs_once_and_ends_once(tmp_path: Path) -> None:
     """Randomized (seeded) bursts of long and short tasks: take-backs happen, and every
     task runs exactly once with its own result."""
