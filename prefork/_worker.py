@@ -375,7 +375,7 @@ def _run(ctx: WorkerContext, info: WorkerInfo, sock: Any, parent_pid: int) -> in
     if ctx.body is not None:
         return _run_body(ctx, info, handle)
     try:
-        reason = _call_loop(ctx, info, handle._channel)
+        reason = _call_loop(ctx, info, handle._channel, handle._rss_base)
     except (BrokenPipeError, ConnectionResetError):
         reason = "the supervisor closed the channel"
     ctx.scoreboard.set_state(info.slot, _scoreboard.EXITING)
@@ -418,12 +418,12 @@ def leave(ctx: WorkerContext, info: WorkerInfo, reason: str) -> int:
     return code
 
 
-def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel) -> str:
+def _call_loop(ctx: WorkerContext, info: WorkerInfo, channel: ChildChannel, rss_base: int = 0) -> str:
     caller = Caller(ctx.serializer, ctx.resolver, ctx.hook, info)
     title = TaskTitle(ctx.title)
     caller.on_call = title.busy
     rss_limit = ctx.max_rss_mb * 2**20
-    rss_base = rss_bytes() if rss_limit else 0  # prepare() handed back the free heap; read after each batch
+    # rss_base: prepare()'s boot_rss() (the free heap handed back first); rss read after each batch
     asked = False
     words = ctx.scoreboard.words
     base = info.slot * _scoreboard.WORDS

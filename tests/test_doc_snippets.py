@@ -405,7 +405,7 @@ def module_named(name: str) -> str:
     in the repository's tests (left as it is when there is none, or several)."""
     if "/" in name:
         return name
-    found = [p for p in ROOT.glob(f"**/tests/**/{name}") if ".nox" not in p.parts and "site-packages" not in p.parts]
+    found = [p for tree in (ROOT / "tests", *ROOT.glob("plugins/*/tests")) for p in tree.rglob(name)]
     return found[0].relative_to(ROOT).as_posix() if len(found) == 1 else name
 
 
