@@ -27,6 +27,13 @@ def deep_in_the_app() -> None:
         time.sleep(0.05)
 
 
+def _pids_written(flag: Path) -> list[int]:
+    """The pids the children finished writing: the file exists as soon as a child opens it,
+    before its line is in (a read in between saw it empty)."""
+    text = flag.read_text() if flag.exists() else ""
+    return [int(line) for line in text.split("\n")[:-1]]
+
+
 def quick_requests() -> None:
     for _ in range(5):
         mpm.busy()
@@ -44,15 +51,16 @@ def test_a_child_stuck_in_a_request_is_killed_its_stack_logged_and_replaced(tmp_
         first = None
         while time.monotonic() < end:
             m.whip_kids(stuck_in_a_request, (str(flag),), timeout=0.05)
-            if first is None and flag.exists():
-                first = int(flag.read_text().split()[0])
+            pids = _pids_written(flag)
+            if first is None and pids:
+                first = pids[0]
                 t0 = time.monotonic()
-            if first is not None and not pid_alive(first) and len(flag.read_text().split()) >= 2:
+            if first is not None and not pid_alive(first) and len(pids) >= 2:
                 break
         assert first is not None, "no child got busy"
         assert not pid_alive(first), "the stuck child was not killed"
         assert time.monotonic() - t0 < 5.0
-        assert len(flag.read_text().split()) >= 2, "no replacement took requests"
+        assert len(_pids_written(flag)) >= 2, "no replacement took requests"
     finally:
         m.done()
     [record] = [r for r in caplog.records if f"worker {first} was busy" in r.getMessage()]

@@ -587,7 +587,7 @@ def test_cancel_running_kills_only_that_worker(tmp_path: Path) -> None:
     started = tmp_path / "started"
     with Executor(2, cancel_running=True) as ex:
         victim = ex.submit(mark_and_wait, str(started), str(tmp_path / "never"), 30)
-        pid = wait_until(lambda: started.exists() and int(started.read_text().split()[0]), what="the task to start")
+        (pid,) = _wait_started(started)
         other = ex.submit(sleep_then_pid, 0.3)
         t0 = time.monotonic()
         assert victim.cancel() is True
