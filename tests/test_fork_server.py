@@ -66,16 +66,17 @@ def test_direct_mode_forks_from_the_caller() -> None:
 
 
 def test_a_dead_fork_server_is_replaced_and_its_tasks_answered(prefork_subreaper: None, tmp_path: Path) -> None:
-    started, gate = tmp_path / "started", str(tmp_path / "gate")
+    gate = str(tmp_path / "gate")
+    started = [tmp_path / f"started-{i}" for i in range(2)]  # one file per task: they start in either order
     ex = prefork.Executor(2)
     try:
-        running = [ex.submit(mark_and_wait, str(started), gate, 30) for _ in range(2)]
-        wait_until(lambda: started.exists() and len(started.read_text().split()) == 2, what="both tasks running")
+        running = [ex.submit(mark_and_wait, str(mark), gate, 30) for mark in started]
+        wait_until(lambda: all(mark.exists() and mark.read_text().endswith("\n") for mark in started), what="both tasks running")
         queued = ex.submit(os.getpid)
         old_server = ex._sup.spawner.pid
         (here,) = [p for p in ex.pids() if parent_of(p) == os.getpid()]
         (served,) = [p for p in ex.pids() if parent_of(p) == old_server]
-        on_served = running[[int(p) for p in started.read_text().split()].index(served)]
+        on_served = running[[int(mark.read_text()) for mark in started].index(served)]
         on_here = running[1 - running.index(on_served)]
         os.kill(old_server, signal.SIGKILL)
         # the server's worker dies with it; the one forked here lives on
